@@ -60,7 +60,7 @@ def malloc_steady_state():
 def worker(n: int, vocab: int, teacher_format: str, method: str) -> dict:
     import torch
     import torch.nn.functional as F
-    from stlm_nb.losses import SparseTeacherLogits, chunked_kd_loss_sum_count, kd_loss_sum_count
+    from stlm_nb.losses import SparseTeacherLogits, _auto_chunk_size, chunked_kd_loss_sum_count, kd_loss_sum_count
 
     torch.manual_seed(0)
     hidden = torch.randn(n, HIDDEN).requires_grad_()
@@ -99,6 +99,7 @@ def worker(n: int, vocab: int, teacher_format: str, method: str) -> dict:
         values.append(step())
         times.append(time.perf_counter() - t0)
     return dict(n=n, vocab=vocab, teacher=teacher_format, method=method, time_s=min(times), times_s=times,
+                chunk_size=_auto_chunk_size(vocab) if method == "chunked" else None,
                 peak_growth_bytes=peak - base_rss, baseline_rss_bytes=base_rss, peak_before_bytes=base_peak,
                 peak_measured_cleanly=peak > base_peak, malloc_steady_state_for_timing=steady, loss=values[-1])
 
@@ -141,7 +142,7 @@ def main():
                           loss_abs_diff=abs(p["loss"] - c["loss"])))
     info = machine_info()
     params = dict(hidden=HIDDEN, kind=KIND, temperature=TEMPERATURE, top_k=TOP_K, repeats=REPEATS, configs=CONFIGS,
-                  methods=METHODS, chunk_size="default: max(16, 2**22 // V) positions",
+                  methods=METHODS, chunk_size="library default: max(32, 2**23 // V) positions (per run: runs[i].chunk_size)",
                   memory_measure="peak RSS (getrusage ru_maxrss) minus RSS after creating the inputs and one 8-position step, "
                                  f"fresh process per run, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}",
                   time_measure=f"fastest of {REPEATS} forward+backward passes after the memory step, "
