@@ -7,7 +7,7 @@ PARAMS ?=
 # experiment notebooks: run by papermill (tests/ runs them with smoke=True), never by nbdev_test
 EXPERIMENT_NBS := distill|adapt_teacher|prune|mixture
 
-.PHONY: install experiment test check-export nbtest pytest lab bench clean-runs
+.PHONY: install teacher experiment test check-export nbtest pytest lab bench
 
 $(VENV)/.installed: settings.ini setup.py
 	python3 -m venv $(VENV)
@@ -25,7 +25,11 @@ experiment: install
 	$(BIN)/papermill nbs/distill.ipynb $(RUN_DIR)/distill.ipynb -p out_dir $(RUN_DIR) $(PARAMS)
 
 ## every test: notebooks are exported/clean, nbdev_test over library notebooks, pytest
-test: install check-export nbtest pytest
+test: install check-export teacher nbtest pytest
+
+# convert the packaged teacher once (GGUF -> safetensors in ~/.cache/stlm_nb) before tests run in parallel
+teacher: install
+	$(BIN)/python -c "from stlm_nb.models import packaged_teacher_dir; print(packaged_teacher_dir('smollm2-135m'))"
 
 # fails when nbdev_export / nbdev_clean would change any file under nbs/ or stlm_nb/
 check-export:
