@@ -167,5 +167,6 @@ d = { 'settings': { 'branch': 'main',
                                  'stlm_nb.trainer.evaluate_blocks': ('trainer.html#evaluate_blocks', 'stlm_nb/trainer.py'),
                                  'stlm_nb.trainer.main': ('trainer.html#main', 'stlm_nb/trainer.py'),
                                  'stlm_nb.trainer.parse_layer_map': ('trainer.html#parse_layer_map', 'stlm_nb/trainer.py'),
+                                 'stlm_nb.trainer.per_domain_bpb': ('trainer.html#per_domain_bpb', 'stlm_nb/trainer.py'),
                                  'stlm_nb.trainer.prepare_data': ('trainer.html#prepare_data', 'stlm_nb/trainer.py'),
                                  'stlm_nb.trainer.run_distillation': ('trainer.html#run_distillation', 'stlm_nb/trainer.py')}}}
