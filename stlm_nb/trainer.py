@@ -20,6 +20,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from . import data as D
+from .eval import evaluate as evaluate_tasks, offline_tasks
 from .cache import TeacherCache, build_teacher_cache, cache_key, fastest_inference_dtype, fingerprint_blocks, key_hash
 from .losses import (KD_KINDS, HintProjector, SparseTeacherLogits, distillation_loss, hint_loss, kd_loss_sum_count,
                             uniform_layer_map)
@@ -50,6 +51,7 @@ class DistillConfig:
     block_size: int = field(default=128, metadata={"help": "tokens per packed block (Baby Llama: 128)"})
     train_tokens: int = field(default=24_576, metadata={"help": "distinct training tokens (blocks drawn across domains, seeded)"})
     eval_tokens_per_domain: int = field(default=1_024, metadata={"help": "held-out tokens per domain for evaluation"})
+    eval_tasks_per_domain: int = field(default=16, metadata={"help": "items per domain of each offline task (stlm_nb.eval) scored for every student; 0: skip"})
     # objective
     alpha: float = field(default=0.5, metadata={"help": "weight of hard-label CE in alpha*CE + (1-alpha)*T^2*KD (Baby Llama eq. 1); 1 = CE only"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature T of teacher and student in the KD term"})
@@ -97,12 +99,13 @@ class DistillConfig:
         if self.student not in STUDENT_PRESETS: bad("student", f"accepted: {', '.join(STUDENT_PRESETS)}")
         if self.lr_scheduler not in SCHEDULES: bad("lr_scheduler", f"accepted: {', '.join(SCHEDULES)}")
         if str(self.bf16).lower() not in ("auto", "true", "false"): bad("bf16", "accepted: 'auto', 'true', 'false'")
+        if not isinstance(self.eval_tasks_per_domain, int) or self.eval_tasks_per_domain < 0: bad("eval_tasks_per_domain", "must be an int >= 0")
         for name in ("top_k", "block_size", "train_tokens", "eval_tokens_per_domain", "batch_size", "gradient_accumulation_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1: bad(name, "must be a positive int")
         if self.block_size < 2: bad("block_size", "must be >= 2")
         if not self.seeds: bad("seeds", "at least one seed")
         if self.smoke:  # seconds, not minutes (tests/): shrinks every field left at its default; explicit values win
-            small = dict(student="llama-tiny", train_tokens=2_048, eval_tokens_per_domain=256, block_size=64, batch_size=8,
+            small = dict(student="llama-tiny", train_tokens=2_048, eval_tokens_per_domain=256, eval_tasks_per_domain=2, block_size=64, batch_size=8,
                          num_epochs=1.0, top_k=8, seeds=self.seeds[:1], logging_steps=1)
             for f in dataclasses.fields(self):
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -342,6 +345,13 @@ def run_distillation(
                              f"({len(tokenizer)} tokens): adapt the teacher first (stlm_nb.adapt) or use tokenizer='teacher'")
     t0 = time.time(); data = prepare_data(config, tokenizer); timings["data_s"] = time.time() - t0
     train_ids, val_ids = np.array(data["train"]["input_ids"]), np.array(data["validation"]["input_ids"])
+    # offline tasks (held-out documents; saved in the run so results stay comparable across runs)
+    tasks = None
+    if config.eval_tasks_per_domain:
+        task_args = dict(corpus=config.corpus, domains=config.domains, n_per_domain=config.eval_tasks_per_domain, path=out / "offline_tasks")
+        if rank == 0: offline_tasks(**task_args)  # rank 0 writes them; the others read the same files
+        state.wait_for_everyone()
+        tasks = offline_tasks(**task_args)
     vocab = len(tokenizer)
 
     # teachers: cache their outputs once (rank 0 builds; other ranks wait and open it), or keep them online
@@ -420,9 +430,12 @@ def run_distillation(
                 if rank == 0: (final / "stlm_nb_state.json").write_text(json.dumps(run_state))
             tokens_seen = run_state["global_step"] * config.batch_size * config.gradient_accumulation_steps * world * config.block_size
             ev = evaluate_blocks(student.float(), data["validation"], data["stats"], val_caches[0], batch_size=config.batch_size)
+            t_tasks = time.time()
+            task_rows = evaluate_tasks(student, tokenizer, tasks, batch_size=32).to_dict("records") if tasks else []
             runs[f"{arm}-seed{seed}"] = {"arm": arm, "seed": seed, "alpha": alpha, "eval": ev, "tokens_seen": tokens_seen,
                                          "train_runtime_s": run_state["train_runtime_s"], "wall_s": time.time() - t0,
                                          "log_history": run_state["log_history"], "resumed": run_state.get("resumed", False),
+                                         "tasks": task_rows, "tasks_eval_s": time.time() - t_tasks,
                                          "resumed_from_step": run_state.get("resumed_from_step", 0)}
             if world > 1:  # each rank writes what it sees: tests check that ranks agree
                 (out / f"rank{rank}-{arm}-seed{seed}.json").write_text(json.dumps({"eval_all": ev["all"], "param_sum": float(sum(p.double().sum() for p in student.parameters()))}))
@@ -437,6 +450,13 @@ def run_distillation(
                  for d in runs[f"kd-seed{config.seeds[0]}"]["eval"]}
         paired = {d: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
                       "per_seed": v} for d, v in diffs.items()}
+    paired_tasks = {}
+    if paired and tasks:
+        def overall(rows): return {(r["task"], r["metric"]): r["value"] for r in rows if r["domain"] == "all"}
+        per_seed = [(overall(runs[f"kd-seed{s}"]["tasks"]), overall(runs[f"ce-seed{s}"]["tasks"])) for s in config.seeds]
+        for key in per_seed[0][0]:
+            v = [kd[key] - ce[key] for kd, ce in per_seed]
+            paired_tasks[f"{key[0]}/{key[1]}"] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), "per_seed": v}
     metrics = {
         "config": dataclasses.asdict(config), "versions": _versions(), "world_size": world, "bf16_autocast": bf16,
         "teacher_dtype": str(teacher_dtype), "timings": {**timings, "total_s": time.time() - t_start},
@@ -445,7 +465,8 @@ def run_distillation(
         "flops": {"student_step_per_token": 6 * n_student,
                   "teacher_forward_per_token": [2 * p if p else None for p in teacher_params],
                   "teacher_cache_tokens": teacher_tokens if config.teacher_mode == "cache" else 0},
-        "teacher": teacher_eval, "runs": runs, "kd_minus_ce_bpb": paired,
+        "teacher": teacher_eval, "runs": runs, "kd_minus_ce_bpb": paired, "kd_minus_ce_tasks": paired_tasks,
+        "offline_tasks": {"n_per_domain": config.eval_tasks_per_domain, "counts": {k: len(v) for k, v in (tasks or {}).items()}},
     }
     if rank == 0:
         tmp = out / "metrics.json.tmp"; tmp.write_text(json.dumps(metrics, indent=1, default=_to_json)); os.replace(tmp, out / "metrics.json")
