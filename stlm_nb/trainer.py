@@ -26,6 +26,7 @@ from .losses import (KD_KINDS, HintProjector, SparseTeacherLogits, distillation_
                             uniform_layer_map)
 from .models import (STUDENT_PRESETS, cache_dir, count_parameters, load_teacher, load_teacher_tokenizer,
                             make_student)
+from .mixture import DomainMixtureSampler, DomainWeightCallback, attach_domain_mixture
 from .tokenizer import load_tokenizer
 
 # %% auto #0
@@ -73,6 +74,12 @@ class DistillConfig:
     bf16: str = field(default="auto", metadata={"help": "'auto' (bf16 autocast where it is faster), 'true' or 'false'"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "paired seeds: KD and CE-only students share init and data order per seed"})
     baseline: bool = field(default=True, metadata={"help": "also train the CE-only student (alpha=1) on the same tokens"})
+    # data mixture (Sheared-LLaMA dynamic batch loading, stlm_nb.mixture)
+    mixture: str = field(default="none", metadata={"help": "'none': training blocks shuffled per epoch; 'static': domains drawn in proportion to their training blocks (DomainMixtureSampler); 'dynamic': weights updated every mixture_update_steps from each domain's held-out loss excess over the first teacher's (Xia et al. 2024, §2.2)"})
+    mixture_update_steps: int = field(default=10, metadata={"help": "optimiser steps between domain-weight updates (and per-domain held-out loss logs)"})
+    mixture_eta: float = field(default=1.0, metadata={"help": "step size on the excess loss in the weight update (paper: 1)"})
+    mixture_clip: bool = field(default=True, metadata={"help": "clip the excess loss at 0 (paper); False: the reference code's unclipped rule"})
+    mixture_smoothing: float = field(default=1e-4, metadata={"help": "w = (1-c)*softmax(...) + c/k (reference code: 1e-4)"})
     # bookkeeping
     out_dir: str = field(default="runs/distill", metadata={"help": "where checkpoints, metrics.json and figures go"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing completed run in out_dir"})
@@ -104,6 +111,11 @@ class DistillConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1: bad(name, "must be a positive int")
         if self.block_size < 2: bad("block_size", "must be >= 2")
         if not self.seeds: bad("seeds", "at least one seed")
+        if self.mixture not in ("none", "static", "dynamic"): bad("mixture", "accepted: 'none', 'static', 'dynamic'")
+        if isinstance(self.mixture_update_steps, bool) or not isinstance(self.mixture_update_steps, int) or self.mixture_update_steps < 1:
+            bad("mixture_update_steps", "must be a positive int")
+        if not (math.isfinite(self.mixture_eta) and self.mixture_eta >= 0): bad("mixture_eta", "must be a finite number >= 0")
+        if not 0 <= self.mixture_smoothing < 1: bad("mixture_smoothing", "must be in [0, 1)")
         if self.smoke:  # seconds, not minutes (tests/): shrinks every field left at its default; explicit values win
             small = dict(student="llama-tiny", train_tokens=2_048, eval_tokens_per_domain=256, eval_tasks_per_domain=2, block_size=64, batch_size=8,
                          num_epochs=1.0, top_k=8, seeds=self.seeds[:1], logging_steps=1)
@@ -357,6 +369,7 @@ def run_distillation(
     # teachers: cache their outputs once (rank 0 builds; other ranks wait and open it), or keep them online
     teacher_dtype = fastest_inference_dtype(device)
     caches, val_caches, online, teacher_params = [], [], [], []
+    need_train = config.alpha < 1.0  # only a KD arm reads teacher outputs on training blocks: CE-only runs skip that forward
     t0 = time.time()
     for name in config.teachers:
         keys = {split: cache_key(name, config.tokenizer if config.tokenizer != "teacher" else name, fingerprint_blocks(ids),
@@ -365,15 +378,16 @@ def run_distillation(
         paths = {s: cache_dir() / "teacher_cache" / key_hash(k) for s, k in keys.items()}
         model = None
         if rank == 0 or config.teacher_mode == "online":
-            need = config.teacher_mode == "online" or any(not (p / "meta.json").exists() for p in paths.values())
+            splits = ("train", "validation") if need_train and config.teacher_mode == "cache" else ("validation",)
+            need = config.teacher_mode == "online" or any(not (paths[s] / "meta.json").exists() for s in splits)
             if need: model, _ = load_teacher(name, dtype=teacher_dtype, device=device)
             for s, ids, lab in (("train", train_ids, data["train"]["labels"]), ("validation", val_ids, data["validation"]["labels"])):
-                if s == "train" and config.teacher_mode == "online": continue
+                if s not in splits: continue
                 build_teacher_cache(model, ids, paths[s], keys[s], labels=np.array(lab), vocab_size=vocab,
                                     progress=rank == 0)
             teacher_params.append(_matmul_params(model) if model is not None else None)
         state.wait_for_everyone()  # other ranks open the cache only once rank 0 has renamed it into place
-        if config.teacher_mode == "cache": caches.append(TeacherCache(paths["train"], expected_key=keys["train"]))
+        if config.teacher_mode == "cache" and need_train: caches.append(TeacherCache(paths["train"], expected_key=keys["train"]))
         else: online.append(model)
         val_caches.append(TeacherCache(paths["validation"], expected_key=keys["validation"]))
         if config.teacher_mode == "cache": del model
@@ -411,6 +425,12 @@ def run_distillation(
                                           alpha=alpha, temperature=config.temperature, kind=config.loss, beta=config.beta,
                                           skew=config.skew, t_squared=config.t_squared,
                                           hint_weight=config.hint_weight if projector is not None else 0.0, hint_projector=projector)
+            if config.mixture != "none":  # draw blocks by domain; dynamic: reweight towards the domains furthest above the teacher
+                sampler = DomainMixtureSampler(data["train"]["domain"], seed=args.data_seed)
+                reference = {d: v["nll"] for d, v in teacher_eval[config.teachers[0]].items() if d != "all"}
+                attach_domain_mixture(trainer, sampler, DomainWeightCallback(
+                    sampler, data["validation"], reference, update_every=config.mixture_update_steps, dynamic=config.mixture == "dynamic",
+                    eta=config.mixture_eta, smoothing=config.mixture_smoothing, clip=config.mixture_clip, batch_size=config.batch_size))
             t0 = time.time()
             if (final / "config.json").exists():  # finished before: reuse (resume of the whole experiment)
                 from transformers import AutoModelForCausalLM
@@ -436,14 +456,15 @@ def run_distillation(
                                          "train_runtime_s": run_state["train_runtime_s"], "wall_s": time.time() - t0,
                                          "log_history": run_state["log_history"], "resumed": run_state.get("resumed", False),
                                          "tasks": task_rows, "tasks_eval_s": time.time() - t_tasks,
-                                         "resumed_from_step": run_state.get("resumed_from_step", 0)}
+                                         "resumed_from_step": run_state.get("resumed_from_step", 0),
+                                         "mixture": [h for h in run_state["log_history"] if any(k.startswith("mixture/") for k in h)]}
             if world > 1:  # each rank writes what it sees: tests check that ranks agree
                 (out / f"rank{rank}-{arm}-seed{seed}.json").write_text(json.dumps({"eval_all": ev["all"], "param_sum": float(sum(p.double().sum() for p in student.parameters()))}))
 
     # FLOPs: 6·N·tokens for a student step (forward + backward), 2·N_t·tokens per teacher forward (Kaplan et al. 2020)
     reference_student = make_student(config.student, tokenizer=tokenizer)  # counted as exported: no hint projector
     n_student = _matmul_params(reference_student)
-    teacher_tokens = (len(train_ids) + len(val_ids)) * config.block_size
+    teacher_tokens = ((len(train_ids) if need_train else 0) + len(val_ids)) * config.block_size
     paired = {}
     if any(r["arm"] == "ce" for r in runs.values()):
         diffs = {d: [runs[f"kd-seed{s}"]["eval"][d]["bpb"] - runs[f"ce-seed{s}"]["eval"][d]["bpb"] for s in config.seeds]
