@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['KD_KINDS', 'ENSEMBLE_MODES', 'divergence', 'SparseTeacherLogits', 'kd_loss_sum_count', 'kd_loss', 'distillation_loss',
-           'ensemble_teacher_logits', 'chunked_kd_loss_sum_count', 'uniform_layer_map', 'HintProjector', 'hint_loss']
+           'ensemble_teacher_logits', 'chunked_kd_loss_sum_count', 'uniform_layer_map', 'HintProjector', 'hint_loss',
+           'universal_logit_distillation_loss']
 
 # %% ../nbs/03_losses.ipynb #80255da0
 KD_KINDS = ("fkl", "rkl", "jsd", "sfkl", "srkl", "tvd")  # the divergences `kind=` accepts (table above)
@@ -606,3 +607,56 @@ def hint_loss(
             err = err[mask]                      # (M, d_t): valid positions only
         total = total + err.sum() / max(err.numel(), 1)
     return total / len(pairs)
+
+# %% ../nbs/03_losses.ipynb #829dc71f
+def universal_logit_distillation_loss(
+    student_logits:Tensor, # (B, T_s, V_s) float: student logits at positions that predict a next token
+    teacher_logits:Tensor, # (B, T_t, V_t) float: teacher logits over ITS vocabulary (another tokenizer)
+    student_mask:Tensor|None=None, # (B, T_s) bool: positions that count (None: all); paired in order
+    teacher_mask:Tensor|None=None, # (B, T_t) bool: positions that count (None: all); paired in order
+    temperature:float=1.0, # softmax temperature of both distributions (Boizard et al.: 1)
+    teacher_vocab_size:int|None=None, # slice padded teacher rows off: logits beyond it are not tokens
+    reduction:str="mean", # "mean" over paired positions, "sum", or "none" -> ((B, L) values, (B, L) pair mask)
+)->Tensor: # scalar ULD (sum of |sorted q − sorted p|, in [0, 2] per position)
+    """Universal Logit Distillation (Boizard et al. 2024, eq. 5): per position, the L1 distance between the
+    student's and the teacher's probabilities each sorted in decreasing order, the shorter vocabulary zero-extended.
+    In row b the k-th counted student position is paired with the k-th counted teacher position, for
+    k < min(#student, #teacher) counted positions (alignment from the start, cut to the shorter length).
+    Computed in float32 (float64 stays float64); gradients flow to the student only.
+    Raises ValueError for mismatched batch sizes, masks of the wrong shape, a bad temperature or reduction."""
+    if student_logits.dim() != 3 or teacher_logits.dim() != 3:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must be (B, T, V)")
+    if student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"batch sizes differ: student {student_logits.shape[0]}, teacher {teacher_logits.shape[0]}")
+    _check_kd_args("fkl", temperature, 0.5, 0.1)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r}; accepted: 'mean', 'sum', 'none'")
+    B = student_logits.shape[0]
+    def _mask(m, x, name):
+        if m is None: return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        if m.shape != x.shape[:2] or m.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor of shape {tuple(x.shape[:2])}, got {tuple(m.shape)} {m.dtype}")
+        return m
+    m_s, m_t = _mask(student_mask, student_logits, "student_mask"), _mask(teacher_mask, teacher_logits, "teacher_mask")
+    if teacher_vocab_size is not None:
+        if not 1 <= teacher_vocab_size <= teacher_logits.shape[-1]:
+            raise ValueError(f"teacher_vocab_size={teacher_vocab_size}; accepted: 1..{teacher_logits.shape[-1]}")
+        teacher_logits = teacher_logits[..., :teacher_vocab_size]
+    n_pairs = torch.minimum(m_s.sum(1), m_t.sum(1))                  # (B,) pairs per row
+    L = int(n_pairs.max()) if B else 0
+    # counted positions first, in order (stable sort of the "not counted" flag): (B, L) indices
+    idx_s = torch.sort((~m_s).to(torch.int8), dim=1, stable=True).indices[:, :L]
+    idx_t = torch.sort((~m_t).to(torch.int8), dim=1, stable=True).indices[:, :L]
+    pair = torch.arange(L, device=m_s.device)[None] < n_pairs[:, None]  # (B, L)
+    dtype = _compute_dtype(student_logits)
+    z_s = student_logits.gather(1, idx_s[..., None].expand(-1, -1, student_logits.shape[-1])).to(dtype)[pair]  # (N, V_s)
+    z_t = teacher_logits.detach().gather(1, idx_t[..., None].expand(-1, -1, teacher_logits.shape[-1])).to(dtype)[pair]  # (N, V_t)
+    q = torch.softmax(z_s / temperature, -1).sort(-1, descending=True).values
+    p = torch.softmax(z_t / temperature, -1).sort(-1, descending=True).values
+    V = max(q.shape[-1], p.shape[-1])
+    d = (F.pad(q, (0, V - q.shape[-1])) - F.pad(p, (0, V - p.shape[-1]))).abs().sum(-1)  # (N,)
+    if reduction == "none":
+        out = torch.zeros(B, L, dtype=d.dtype, device=d.device); out[pair] = d
+        return out, pair
+    if reduction == "sum": return d.sum()
+    return d.sum() / max(int(pair.sum()), 1)
