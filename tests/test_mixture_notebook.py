@@ -28,14 +28,10 @@ def test_mixture_notebook_smoke(tmp_path):
     for name in ("domain_weights", "gap_per_domain", "samples_per_domain"):
         assert (out / f"{name}.html").stat().st_size > 100_000
     assert (out / "verdict.txt").read_text().startswith("Dynamic − static")
-    with pytest.raises(pm.PapermillExecutionError, match="already holds a completed run"):
-        pm.execute_notebook(str(ROOT / "nbs" / "mixture.ipynb"), str(tmp_path / "again.ipynb"),
-                            parameters={"smoke": True, "out_dir": str(out)}, cwd=str(ROOT), progress_bar=False)
 
 
 @pytest.mark.parametrize("param,value,message", [("eta", -1.0, "mixture_eta=-1.0: must be a finite number >= 0"),
-                                                 ("update_steps", 0, "mixture_update_steps=0: must be a positive int"),
-                                                 ("student", "gpt-5", "student='gpt-5'")])
+                                                 ("update_steps", 0, "mixture_update_steps=0: must be a positive int")])
 def test_mixture_notebook_bad_parameters_fail_early(tmp_path, param, value, message):
     with pytest.raises(pm.PapermillExecutionError) as e:
         pm.execute_notebook(str(ROOT / "nbs" / "mixture.ipynb"), str(tmp_path / "out.ipynb"),
