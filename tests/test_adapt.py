@@ -1,0 +1,78 @@
+"""Adapted teachers plug into run_distillation like any teacher (cache, ensembles); the vocabulary check still refuses
+an unadapted one; the adaptation experiment notebook runs through papermill with its smoke parameters."""
+import json
+
+import papermill as pm
+import pytest
+import torch
+from conftest import ROOT
+
+from stlm_nb.adapt import adapt_vocabulary, save_adapted_teacher
+from stlm_nb.data import load_corpus, split_corpus
+from stlm_nb.models import load_teacher, make_student
+from stlm_nb.tokenizer import train_bpe
+from stlm_nb.trainer import DistillConfig, run_distillation
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    texts = split_corpus(load_corpus())["train"]["text"]
+    return train_bpe(texts[:300], vocab_size=600), train_bpe(texts[300:600], vocab_size=500)  # teacher's, student's
+
+
+def _teacher_dir(path, teacher_tok, student_tok, arch, init):
+    "A tiny teacher (LLaMA tied or GPT-2 untied) with its own tokenizer, adapted to the student's and saved."
+    if arch == "llama": t = make_student("llama-tiny", tokenizer=teacher_tok, seed=1)
+    else: t = make_student("gpt2-7m", tokenizer=teacher_tok, seed=2, n_layer=1, n_embd=32, n_head=2, tie_word_embeddings=False)
+    return save_adapted_teacher(adapt_vocabulary(t, teacher_tok, student_tok, init=init), student_tok, path, metadata={"arch": arch})
+
+
+def test_adapted_teachers_distil_through_cache_and_ensemble(tmp_path, tokenizers):
+    teacher_tok, student_tok = tokenizers
+    a = _teacher_dir(tmp_path / "llama-adapted", teacher_tok, student_tok, "llama", "spelled")
+    b = _teacher_dir(tmp_path / "gpt2-adapted", teacher_tok, student_tok, "gpt2", "random")
+    model, tok = load_teacher(a)
+    assert tok.get_vocab() == student_tok.get_vocab() and model.config.vocab_size == len(student_tok)
+    m = run_distillation(DistillConfig(teachers=[str(a), str(b)], tokenizer=str(a), smoke=True, max_steps=2, baseline=False,
+                                       out_dir=str(tmp_path / "run")))
+    assert set(m["teacher"]) == {str(a), str(b)}
+    for name in (str(a), str(b)):  # each teacher's held-out loss comes from its own cache: finite, and not the same model
+        assert 0 < m["teacher"][name]["all"]["bpb"] < 50
+    assert m["teacher"][str(a)]["all"]["bpb"] != m["teacher"][str(b)]["all"]["bpb"]
+    kd = m["runs"]["kd-seed0"]
+    assert any("train_kd" in h for h in kd["log_history"]) and kd["eval"]["all"]["bpb"] > 0
+
+
+def test_unadapted_teacher_is_refused(tmp_path, tokenizers):
+    teacher_tok, student_tok = tokenizers
+    raw = tmp_path / "raw"
+    t = make_student("llama-tiny", tokenizer=teacher_tok, seed=1)
+    t.save_pretrained(raw); teacher_tok.save_pretrained(raw)
+    adapted = _teacher_dir(tmp_path / "adapted", teacher_tok, student_tok, "llama", "spelled")
+    with pytest.raises(ValueError, match="adapt the teacher first"):
+        run_distillation(DistillConfig(teachers=[str(raw)], tokenizer=str(adapted), smoke=True, out_dir=str(tmp_path / "run")))
+
+
+def test_adapt_teacher_notebook_smoke(tmp_path):
+    out = tmp_path / "run"
+    pm.execute_notebook(str(ROOT / "nbs" / "adapt_teacher.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters={"smoke": True, "out_dir": str(out)}, cwd=str(ROOT), progress_bar=False)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["params"]["smoke"] is True and m["params"]["inits"] == ["spelled", "random"]
+    assert set(m["bpb"]) == {"original", "adapted-spelled", "adapted-random"}
+    assert 0.3 < m["bpb"]["original"]["all"]["bpb"] < 3.0                          # the packaged teacher on held-out text
+    # spelled starts far closer to the teacher than random (most rows are copies of the teacher's own)
+    first = {i: next(h["eval_loss"] for h in m["histories"][i] if "eval_loss" in h) for i in ("spelled", "random")}
+    assert first["spelled"] < first["random"]
+    for name in ("adaptation_curves", "bpb_per_domain", "offline_tasks"):
+        assert (out / f"{name}.html").stat().st_size > 100_000
+    assert (out / "verdict.txt").read_text().startswith("After 2 steps")
+
+
+@pytest.mark.parametrize("param,value,message", [("inits", ["zeros"], "inits=['zeros']"), ("max_steps", 0, "max_steps=0")])
+def test_adapt_teacher_notebook_bad_parameters_fail_early(tmp_path, param, value, message):
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(ROOT / "nbs" / "adapt_teacher.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"smoke": True, "out_dir": str(tmp_path / "run"), param: value}, cwd=str(ROOT), progress_bar=False)
+    assert message in str(e.value)
+    assert not (tmp_path / "run").exists()
