@@ -44,7 +44,7 @@ nbtest: install
 	$(BIN)/nbdev_test --n_workers 2 --timing --skip_file_re '^([_.]|($(EXPERIMENT_NBS))\.ipynb$$)'
 
 pytest: install
-	$(BIN)/pytest tests -q -rs
+	$(BIN)/pytest tests -q -rs -m "not slow" --durations 15
 
 ## JupyterLab on 127.0.0.1 with the project's venv kernel
 lab: install

@@ -17,3 +17,7 @@ def env():
     "Environment for subprocesses: offline, quiet, one thread each (2 cores shared)."
     e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     return e
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end runs; `make test` skips them (run with `pytest -m slow`)")
