@@ -15,6 +15,7 @@ def tiny_source(tmp_path, monkeypatch):
     "A tiny random GQA LLaMA (6 query / 3 KV heads) saved with the packaged teacher's tokenizer: the source to prune in seconds."
     tok = load_teacher_tokenizer("smollm2-135m")
     monkeypatch.setenv("STLM_NB_CACHE", str(tmp_path / "cache"))  # the tiny source's teacher cache stays in tmp_path
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: a second thread only adds contention (the kernel inherits it)
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=48, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, head_dim=16,
                       intermediate_size=96, vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=256,
