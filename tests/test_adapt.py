@@ -53,6 +53,7 @@ def test_unadapted_teacher_is_refused(tmp_path, tokenizers):
         run_distillation(DistillConfig(teachers=[str(raw)], tokenizer=str(adapted), smoke=True, out_dir=str(tmp_path / "run")))
 
 
+@pytest.mark.slow  # three 135M-parameter models evaluated: ~1.5 min alone, ~5 min on the shared 2-core CPU (`pytest -m slow`)
 def test_adapt_teacher_notebook_smoke(tmp_path):
     out = tmp_path / "run"
     pm.execute_notebook(str(ROOT / "nbs" / "adapt_teacher.ipynb"), str(tmp_path / "out.ipynb"),
