@@ -9,6 +9,7 @@ from conftest import ROOT
 from stlm_nb.models import load_teacher_tokenizer, make_student
 
 
+@pytest.mark.slow  # scores the 135M teacher three times: ~2 min alone; kept out of `make test` for the 20-min CI budget (`pytest -m slow`)
 def test_eval_models_notebook_smoke(tmp_path):
     tok = load_teacher_tokenizer("smollm2-135m")
     sdir = tmp_path / "student"

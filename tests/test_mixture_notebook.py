@@ -6,6 +6,7 @@ import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow  # two tiny students + teacher reference: ~2 min alone; kept out of `make test` for the 20-min CI budget (`pytest -m slow`)
 def test_mixture_notebook_smoke(tmp_path):
     out = tmp_path / "run"
     pm.execute_notebook(str(ROOT / "nbs" / "mixture.ipynb"), str(tmp_path / "out.ipynb"),
