@@ -331,6 +331,10 @@ def _training_args(config, out, seed, bf16, n_blocks=None, world=1, **kw)->Train
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(), **kw)
 
 # %% ../nbs/05_trainer.ipynb #5f7ec85a
+def _paired_stats(v:list[float])->dict:
+    "Mean, sample std (nan for one seed) and the per-seed values of paired KD − CE differences."
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), "per_seed": v}
+
 def run_distillation(
     config:DistillConfig,
 )->dict: # the metrics written to `out_dir/metrics.json`
@@ -469,15 +473,14 @@ def run_distillation(
     if any(r["arm"] == "ce" for r in runs.values()):
         diffs = {d: [runs[f"kd-seed{s}"]["eval"][d]["bpb"] - runs[f"ce-seed{s}"]["eval"][d]["bpb"] for s in config.seeds]
                  for d in runs[f"kd-seed{config.seeds[0]}"]["eval"]}
-        paired = {d: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
-                      "per_seed": v} for d, v in diffs.items()}
+        paired = {d: _paired_stats(v) for d, v in diffs.items()}
     paired_tasks = {}
     if paired and tasks:
         def overall(rows): return {(r["task"], r["metric"]): r["value"] for r in rows if r["domain"] == "all"}
         per_seed = [(overall(runs[f"kd-seed{s}"]["tasks"]), overall(runs[f"ce-seed{s}"]["tasks"])) for s in config.seeds]
         for key in per_seed[0][0]:
             v = [kd[key] - ce[key] for kd, ce in per_seed]
-            paired_tasks[f"{key[0]}/{key[1]}"] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), "per_seed": v}
+            paired_tasks[f"{key[0]}/{key[1]}"] = _paired_stats(v)
     metrics = {
         "config": dataclasses.asdict(config), "versions": _versions(), "world_size": world, "bf16_autocast": bf16,
         "teacher_dtype": str(teacher_dtype), "timings": {**timings, "total_s": time.time() - t_start},

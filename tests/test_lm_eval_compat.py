@@ -13,33 +13,17 @@ from conftest import BIN
 from stlm_nb.eval import evaluate_minimal_pairs, evaluate_multiple_choice, offline_tasks
 from stlm_nb.models import load_teacher_tokenizer, make_student
 
-CONTINUATION_YAML = """task: stlm_continuation
+TASK_YAML = """task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {path}
 test_split: test
 output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: gold
-metric_list:
-  - metric: acc
-  - metric: acc_norm
+{fields}
 """
-PAIRS_YAML = """task: stlm_minimal_pairs
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: ""
-doc_to_choice: "{{{{[sentence_good, sentence_bad]}}}}"
-doc_to_target: 0
-metric_list:
-  - metric: acc
-"""
+CONTINUATION_FIELDS = "doc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm"
+PAIRS_FIELDS = 'doc_to_text: ""\ndoc_to_choice: "{{[sentence_good, sentence_bad]}}"\ndoc_to_target: 0\nmetric_list:\n  - metric: acc'
 
 
 def test_lm_eval_harness_matches_our_scorer(tmp_path, env):
@@ -51,9 +35,10 @@ def test_lm_eval_harness_matches_our_scorer(tmp_path, env):
     mc = [d for d in tasks["continuation"] if d["target_delimiter"] == " "][:12]   # the harness's default delimiter
     pairs = tasks["minimal_pairs"][:12]
     tdir = tmp_path / "tasks"; tdir.mkdir()
-    for name, rows, yaml in (("continuation", mc, CONTINUATION_YAML), ("pairs", pairs, PAIRS_YAML)):
+    for name, task, rows, fields in (("continuation", "stlm_continuation", mc, CONTINUATION_FIELDS),
+                                     ("pairs", "stlm_minimal_pairs", pairs, PAIRS_FIELDS)):
         (tdir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tdir / f"{name}.yaml").write_text(yaml.format(path=tdir / f"{name}.jsonl"))
+        (tdir / f"{name}.yaml").write_text(TASK_YAML.format(task=task, path=tdir / f"{name}.jsonl", fields=fields))
     out = tmp_path / "out"
     r = subprocess.run([str(BIN / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={save},dtype=float32",
                         "--tasks", "stlm_continuation,stlm_minimal_pairs", "--include_path", str(tdir), "--device", "cpu",
