@@ -11,19 +11,32 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 # %% auto #0
-__all__ = ['save_figure', 'line_curves', 'grouped_bars']
+__all__ = ['PLOTLY_JS', 'plotlyjs_source', 'save_figure', 'line_curves', 'grouped_bars']
 
 # %% ../nbs/10_plots.ipynb #6816d79a
+PLOTLY_JS = "plotly.min.js"
+
+def plotlyjs_source(
+    folder:str|os.PathLike, # where the HTML figure goes
+)->str: # the relative `src` of plotly.js for a figure in `folder`
+    "`plotly.min.js` in `folder` or its parent, the nearer one; written into `folder` when neither exists."
+    folder = Path(folder)
+    if (folder / PLOTLY_JS).exists(): return PLOTLY_JS
+    if (folder.parent / PLOTLY_JS).exists(): return f"../{PLOTLY_JS}"
+    from plotly.offline import get_plotlyjs
+    tmp = folder / f".{PLOTLY_JS}.{os.getpid()}.tmp"; tmp.write_text(get_plotlyjs(), encoding="utf-8"); os.replace(tmp, folder / PLOTLY_JS)
+    return PLOTLY_JS
+
 def save_figure(
     fig:go.Figure,
     path_stem:str|os.PathLike, # e.g. `out_dir/"bpb_per_domain"`: writes `.html` and `.png`
     png:bool=True, # also write a PNG (needs kaleido and a Chromium-based browser)
     width:int=900, height:int=450, # PNG size in pixels
 )->list[Path]: # the files written
-    "Write `fig` as standalone HTML (plotly.js inlined: opens offline) and, when possible, PNG."
+    "Write `fig` as HTML (plotly.js from a shared `plotly.min.js`: opens offline) and, when possible, PNG."
     stem = Path(path_stem); stem.parent.mkdir(parents=True, exist_ok=True)
     written = [stem.with_suffix(".html")]
-    fig.write_html(written[0], include_plotlyjs=True)
+    fig.write_html(written[0], include_plotlyjs=plotlyjs_source(stem.parent))
     if png:
         try:
             fig.write_image(stem.with_suffix(".png"), width=width, height=height, scale=1)
