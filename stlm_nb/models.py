@@ -15,29 +15,32 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, PretrainedConfig, PreTrainedModel)
+
+from .tokenizer import _first_line, locate_pretrained
 
 # %% auto #0
 __all__ = ['STUDENT_PRESETS', 'TEACHERS', 'DEFAULT_TEACHER', 'student_config', 'make_student', 'count_parameters', 'cache_dir',
-           'PackagedTeacher', 'packaged_teacher_dir', 'load_teacher', 'load_teacher_tokenizer']
+           'PackagedTeacher', 'packaged_teacher_dir', 'resolve_model_path', 'load_model_config', 'load_teacher',
+           'load_teacher_tokenizer']
 
 # %% ../nbs/02_models.ipynb #5cbbd0bc
 STUDENT_PRESETS: dict[str, dict] = {
-    "llama-tiny":    dict(arch="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, tie_word_embeddings=True),
-    "llama-1m":      dict(arch="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=192, tie_word_embeddings=True),
-    "llama-7m":      dict(arch="llama", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, tie_word_embeddings=True),
-    "gpt2-7m":       dict(arch="gpt2", n_embd=128, n_layer=4, n_head=4),
-    "babyllama-58m": dict(arch="llama", hidden_size=512, num_hidden_layers=16, num_attention_heads=8, intermediate_size=1024, tie_word_embeddings=False, vocab_size=16_000),
-    "stlm-50m":      dict(arch="llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1536, tie_word_embeddings=True, vocab_size=50_257),
-    "llama-124m":    dict(arch="llama", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048, tie_word_embeddings=True, vocab_size=50_257),
-    "gpt2-124m":     dict(arch="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50_257),
+    "llama-tiny":    dict(arch="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, tie_word_embeddings=True, max_position_embeddings=1024),
+    "llama-1m":      dict(arch="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=192, tie_word_embeddings=True, max_position_embeddings=1024),
+    "llama-7m":      dict(arch="llama", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, tie_word_embeddings=True, max_position_embeddings=1024),
+    "gpt2-7m":       dict(arch="gpt2", n_embd=128, n_layer=4, n_head=4, n_positions=1024),
+    "babyllama-58m": dict(arch="llama", hidden_size=512, num_hidden_layers=16, num_attention_heads=8, intermediate_size=1024, tie_word_embeddings=False, vocab_size=16_000, max_position_embeddings=1024),
+    "stlm-50m":      dict(arch="llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1536, tie_word_embeddings=True, vocab_size=50_257, max_position_embeddings=1024),
+    "llama-124m":    dict(arch="llama", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048, tie_word_embeddings=True, vocab_size=50_257, max_position_embeddings=1024),
+    "gpt2-124m":     dict(arch="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50_257, n_positions=1024),
 }
 
 def student_config(
     preset:str, # a key of `STUDENT_PRESETS`
     vocab_size:int|None=None, # overrides the preset's vocabulary (required when the preset has none)
-    max_position_embeddings:int=1024, # longest block the student accepts
+    max_position_embeddings:int|None=None, # longest block the student accepts (tokens); None: the preset's own (1024)
     **overrides, # any config field, e.g. `hidden_size=96`
 )->PretrainedConfig: # `LlamaConfig` or `GPT2Config`
     "The `transformers` config of a student preset."
@@ -47,13 +50,14 @@ def student_config(
     if vocab_size is not None: kw["vocab_size"] = vocab_size
     if "vocab_size" not in kw:
         raise ValueError(f"preset={preset!r} has no default vocabulary: pass vocab_size (e.g. len(tokenizer))")
-    if not isinstance(kw["vocab_size"], int) or kw["vocab_size"] < 2:
+    if isinstance(kw["vocab_size"], bool) or not isinstance(kw["vocab_size"], int) or kw["vocab_size"] < 2:
         raise ValueError(f"vocab_size={kw['vocab_size']!r}: must be an int >= 2")
+    if max_position_embeddings is not None:
+        if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int) or max_position_embeddings < 2:
+            raise ValueError(f"max_position_embeddings={max_position_embeddings!r}: accepted: an int >= 2, or None for the preset's own")
+        kw["max_position_embeddings" if arch == "llama" else "n_positions"] = max_position_embeddings
     kw.update(overrides)
-    if arch == "llama":
-        kw.setdefault("max_position_embeddings", max_position_embeddings)
-        return LlamaConfig(**kw, rms_norm_eps=1e-5, attention_dropout=0.0)
-    kw.setdefault("n_positions", max_position_embeddings)
+    if arch == "llama": return LlamaConfig(**kw, rms_norm_eps=1e-5, attention_dropout=0.0)
     return GPT2Config(**kw)
 
 def make_student(
@@ -61,7 +65,7 @@ def make_student(
     vocab_size:int|None=None, # defaults to `len(tokenizer)` when a tokenizer is given
     tokenizer=None, # sets bos/eos/pad ids on the config
     seed:int=0, # initialisation seed: same seed, same weights
-    **overrides, # forwarded to `student_config`
+    **overrides, # forwarded to `student_config` (e.g. `max_position_embeddings`; default: the preset's own context)
 )->PreTrainedModel: # freshly initialised, train mode
     "A freshly initialised student `LlamaForCausalLM` / `GPT2LMHeadModel`."
     if vocab_size is None and tokenizer is not None: vocab_size = len(tokenizer)
@@ -161,15 +165,29 @@ def packaged_teacher_dir(
         _convert_packaged(name, target)
     return target
 
-def _resolve(name_or_path)->str:
-    if str(name_or_path) in TEACHERS: return str(packaged_teacher_dir(str(name_or_path)))
-    p = Path(name_or_path)
-    if p.exists():
-        if not (p / "config.json").exists():
-            raise ValueError(f"name_or_path={str(name_or_path)!r}: a directory without config.json; pass a "
-                             f"save_pretrained directory, a hub id, or one of {sorted(TEACHERS)}")
-        return str(p)
-    return str(name_or_path)  # a hub id
+def resolve_model_path(
+    name_or_path:str|os.PathLike, # packaged name (`TEACHERS`), local `save_pretrained` directory, or hub id
+    parameter:str="teachers", # the parameter an error names (the trainer's `teachers`, the pruner's `source`, ...)
+)->str: # a local directory (a packaged teacher converted on first use) or a hub id known to exist
+    "Where a model is, decided before any weights load: packaged name → converted directory; directory → checked for config.json; hub id → one short lookup (none offline)."
+    if isinstance(name_or_path, str) and name_or_path in TEACHERS: return str(packaged_teacher_dir(name_or_path))
+    return locate_pretrained(name_or_path, parameter, ("config.json",),
+                             fix=f"pass a packaged teacher ({', '.join(TEACHERS)}), a local save_pretrained directory, or an existing hub id",
+                             offline_fix="pass a local save_pretrained directory",
+                             tried=f"not a packaged teacher ({', '.join(TEACHERS)}), ")
+
+_resolve = resolve_model_path  # the old private name (stlm_nb.pruning imports it)
+
+def load_model_config(
+    name_or_path:str|os.PathLike=DEFAULT_TEACHER, # as for `load_teacher`
+    parameter:str="teachers", # the parameter an error names
+    trust_remote_code:bool=False, # never on by default
+)->PretrainedConfig: # e.g. `max_position_embeddings` (context, tokens) and `vocab_size`, read before any weights
+    "A model's `transformers` config alone (no weights): read its context length and vocabulary size before loading it."
+    path = resolve_model_path(name_or_path, parameter)
+    try: return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{parameter}={os.fspath(name_or_path)!r}: cannot read a config from {path!r} ({_first_line(e)})") from None
 
 # %% ../nbs/02_models.ipynb #fcc6aba5
 def load_teacher(
@@ -177,21 +195,25 @@ def load_teacher(
     dtype:torch.dtype=torch.float32, # weights dtype (bfloat16 is ~2.4x faster on CPUs with AVX-512 BF16)
     device:str|torch.device="cpu",
     trust_remote_code:bool=False, # never on by default
+    parameter:str="teachers", # the parameter an error names
 ):
     "Load a teacher `(model, tokenizer)` in eval mode with gradients off."
-    path = _resolve(name_or_path)
+    path = resolve_model_path(name_or_path, parameter)  # fails here, before any weights load
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ValueError(f"cannot load teacher {str(name_or_path)!r}: not a packaged teacher ({sorted(TEACHERS)}), "
-                         f"not a local directory, and the hub is unreachable or has no such repo. Cause: {e}") from None
+        raise ValueError(f"{parameter}={os.fspath(name_or_path)!r}: cannot load a model from {path!r} ({_first_line(e)})") from None
     model.to(device).eval().requires_grad_(False)
     return model, tok
 
 def load_teacher_tokenizer(
     name_or_path:str|os.PathLike=DEFAULT_TEACHER, # as for `load_teacher`
     trust_remote_code:bool=False,
+    parameter:str="teachers", # the parameter an error names
 ):
     "The teacher's tokenizer alone (no weights loaded)."
-    return AutoTokenizer.from_pretrained(_resolve(name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_model_path(name_or_path, parameter)
+    try: return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{parameter}={os.fspath(name_or_path)!r}: cannot load a tokenizer from {path!r} ({_first_line(e)})") from None

@@ -8,11 +8,16 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # %% auto #0
-__all__ = ['EOS_TOKEN', 'PAD_TOKEN', 'train_bpe', 'load_tokenizer', 'bytes_per_token', 'compression_table']
+__all__ = ['EOS_TOKEN', 'PAD_TOKEN', 'train_bpe', 'hub_offline', 'locate_pretrained', 'load_tokenizer', 'bytes_per_token',
+           'compression_table']
 
 # %% ../nbs/01_tokenizer.ipynb #1e3249fa
 EOS_TOKEN = "<|endoftext|>"  # document separator and BOS, as in GPT-2 and SmolLM2's base tokenizer
@@ -38,22 +43,80 @@ def train_bpe(
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
                                    pad_token=PAD_TOKEN, model_max_length=1 << 30)
 
+# %% ../nbs/01_tokenizer.ipynb #3b9d7a10
+_TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's reading of boolean environment variables
+
+def hub_offline()->str|None: # the variable that forbids the hub ("HF_HUB_OFFLINE=1"), or None when online
+    "Whether the hub is off limits: `huggingface_hub.constants.HF_HUB_OFFLINE` (read at import) or the environment now."
+    if hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE: return "HF_HUB_OFFLINE=1"
+    if os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in _TRUE: return "TRANSFORMERS_OFFLINE=1"
+    return None
+
+def _looks_like_path(s:str)->bool:
+    "A string no hub id can be: a path that does not exist is reported as a missing directory."
+    return s.startswith(("/", ".", "~")) or s.count("/") > 1 or (os.sep != "/" and os.sep in s) or bool(os.altsep and os.altsep != "/" and os.altsep in s)
+
+def _cached(repo_id:str, files:tuple)->bool:
+    "One of `files` of `repo_id` is in the local hub cache (no network)."
+    return any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, f), str) for f in files)
+
+def _first_line(e:Exception, n:int=160)->str:
+    s = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {s[:n]}{'...' if len(s) > n else ''}"
+
+def locate_pretrained(
+    name_or_path:str|os.PathLike, # a local `save_pretrained` directory or a hub id
+    parameter:str, # the parameter the error names, e.g. "tokenizer" or "teachers"
+    needs:tuple[str, ...], # a directory (or a cached hub repo) must hold one of these files, e.g. ("config.json",)
+    fix:str, # what to pass instead, e.g. "pass a local save_pretrained directory or an existing hub id"
+    offline_fix:str|None=None, # the same when the hub is off limits (default: `fix`)
+    tried:str="", # alternatives ruled out before, e.g. "not a packaged teacher (smollm2-135m), "
+    timeout:float=10.0, # seconds for the one hub lookup
+)->str: # the directory, or the hub id (exists on the hub, or cached when offline)
+    "Check that `name_or_path` is a usable local directory or hub id before anything loads; one-line ValueError otherwise."
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ValueError(f"{parameter}={name_or_path!r}: accepted: a directory path or a hub id (a string); {fix}")
+    s = os.fspath(name_or_path); p = Path(s).expanduser()
+    if p.is_dir():
+        if not any((p / f).is_file() for f in needs):
+            raise ValueError(f"{parameter}={s!r}: a directory without {' or '.join(needs)}; {fix}")
+        return str(p)
+    if p.exists(): raise ValueError(f"{parameter}={s!r}: a file, not a directory; {fix}")
+    if not isinstance(name_or_path, str) or _looks_like_path(s):
+        raise ValueError(f"{parameter}={s!r}: {tried}no such directory; {fix}")
+    try: validate_repo_id(s)
+    except HFValidationError:
+        raise ValueError(f"{parameter}={s!r}: {tried}no such directory, and not a valid hub id (namespace/name); {fix}") from None
+    off = hub_offline()
+    if off:
+        if _cached(s, needs): return s
+        raise ValueError(f"{parameter}={s!r}: {tried}not a local directory, and {off} forbids the hub; "
+                         f"{offline_fix or fix} (offline, a hub id works only once it is in the local hub cache)")
+    try: huggingface_hub.model_info(s, timeout=timeout)
+    except RepositoryNotFoundError:
+        raise ValueError(f"{parameter}={s!r}: {tried}not a local directory, and the hub has no such repo "
+                         f"(or it is private or gated: log in with `hf auth login`); {fix}") from None
+    except Exception as e:
+        if _cached(s, needs): return s  # unreachable hub, cached repo: transformers loads it from the cache
+        raise ValueError(f"{parameter}={s!r}: {tried}not a local directory, and the hub lookup failed "
+                         f"({_first_line(e)}); {fix}, or set HF_HUB_OFFLINE=1 to use the local hub cache only") from None
+    return s
+
 # %% ../nbs/01_tokenizer.ipynb #a5fbe62b
 def load_tokenizer(
     name_or_path:str|os.PathLike, # a local directory saved with `save_pretrained`, or a hub id
     trust_remote_code:bool=False, # never on by default
+    parameter:str="tokenizer", # the parameter an error names (the trainer's is `tokenizer`)
 )->PreTrainedTokenizerBase:
-    "Load a tokenizer unchanged with `AutoTokenizer` (packaged teachers: use `stlm_nb.models.load_teacher`)."
-    p = Path(name_or_path)
-    if p.exists() and not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
-        raise ValueError(f"name_or_path={str(name_or_path)!r} is a directory without tokenizer.json or "
-                         "tokenizer_config.json; pass a directory saved with save_pretrained or a hub id")
+    "Load a tokenizer unchanged with `AutoTokenizer` (packaged teachers: use `stlm_nb.models.load_teacher_tokenizer`)."
+    path = locate_pretrained(name_or_path, parameter, ("tokenizer.json", "tokenizer_config.json"),
+                             fix="pass a directory saved by save_pretrained / train_bpe, a hub id, or 'teacher'",
+                             offline_fix="pass a directory saved by save_pretrained / train_bpe, or 'teacher'")
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ValueError(f"cannot load a tokenizer from {str(name_or_path)!r}: not a local tokenizer directory, "
-                         f"and the hub is unreachable or has no such repo (HF_HUB_OFFLINE="
-                         f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}). Cause: {e}") from None
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{parameter}={os.fspath(name_or_path)!r}: cannot load a tokenizer from {path!r} "
+                         f"({_first_line(e)})") from None
 
 # %% ../nbs/01_tokenizer.ipynb #e35d8e28
 def bytes_per_token(
