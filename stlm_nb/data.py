@@ -9,8 +9,8 @@ __all__ = ['DOMAINS', 'SAMPLE_DIR', 'chunk_text', 'group_entries', 'osis_to_text
            'split_fortunes', 'read_fortunes', 'dictd_b64', 'read_dictd', 'read_dict_computing', 'wordnet_gloss',
            'read_wordnet', 'SourcePackage', 'DomainSource', 'fetch_package', 'text_hash_unit', 'select_by_hash',
            'write_jsonl', 'corpus_report', 'build_corpus', 'notice_text', 'licence_texts', 'make_sample',
-           'corpus_files', 'load_corpus', 'split_corpus', 'tokenize_corpus', 'pack_blocks', 'domain_stats',
-           'check_block_size', 'epoch_permutation']
+           'corpus_files', 'check_jsonl', 'load_corpus', 'split_corpus', 'tokenize_corpus', 'pack_blocks',
+           'domain_stats', 'check_block_size', 'epoch_permutation']
 
 # %% ../nbs/00_data.ipynb #ab81169f
 import functools, gzip, hashlib, html, json, os, re, shutil, struct, subprocess, sys, sysconfig
@@ -567,16 +567,59 @@ def corpus_files(path)->dict:
     if not files: raise ValueError(f"path={str(path)!r} holds no non-empty {{domain}}.jsonl or {{domain}}.jsonl.gz file")
     return files
 
+_CORPUS_KEYS = ("text", "domain", "source", "id")  # the columns of _FEATURES; text is required
+
+def _snippet(line:str, n:int=80)->str:
+    line = line.strip(); return line[:n] + ("..." if len(line) > n else "")
+
+_CHECKED: dict = {}  # (path, size, mtime_ns) -> records: a file is scanned once per process until it changes
+
+def check_jsonl(path, # a {domain}.jsonl or {domain}.jsonl.gz corpus file
+               )->int: # number of records (blank lines are skipped, as datasets skips them)
+    "Scan a corpus file; ValueError naming the file and line of the first record that is not UTF-8, not JSON, not an object, without a `text` string, with a key outside text/domain/source/id, or with a non-string field."
+    path = Path(path); n = 0; id_line = None  # (line, type) of the first id: strings and integers never mix in one file
+    try:
+        st = path.stat(); key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _CHECKED: return _CHECKED[key]
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                if not raw.strip(): continue
+                where = f"corpus file {path}, line {i}"
+                try: line = raw.decode("utf-8").rstrip("\r\n")  # the line end is no part of the record
+                except UnicodeDecodeError as e: raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+                try: rec = json.loads(line)
+                except json.JSONDecodeError as e: raise ValueError(f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{where}: a JSON {type(rec).__name__}, not an object with a 'text' string: {_snippet(line)}")
+                extra = [k for k in rec if k not in _CORPUS_KEYS]
+                if extra: raise ValueError(f"{where}: unexpected key(s) {extra}; accepted keys: {list(_CORPUS_KEYS)} (text required)")
+                if not isinstance(rec.get("text"), str): raise ValueError(f"{where}: record has no 'text' string: {_snippet(line)}")
+                for k in _CORPUS_KEYS[1:]:
+                    v = rec.get(k)
+                    if not (v is None or isinstance(v, str) or (k == "id" and type(v) is int)):
+                        raise ValueError(f"{where}: {k}={_snippet(json.dumps(v), 40)}; accepted: a string{' or an integer' if k == 'id' else ''} (or no {k!r} key)")
+                if rec.get("id") is not None:
+                    if id_line is None: id_line = (i, type(rec["id"]))
+                    elif type(rec["id"]) is not id_line[1]:  # pyarrow refuses the mix, and datasets' fallback quotes the strings
+                        raise ValueError(f"{where}: id={json.dumps(rec['id'])} is {'an integer' if id_line[1] is str else 'a string'}, but line "
+                                         f"{id_line[0]}'s id is {'a string' if id_line[1] is str else 'an integer'}; accepted: ids of one type per file (strings)")
+                n += 1
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged / truncated .gz
+        raise ValueError(f"corpus file {path}: cannot be read ({type(e).__name__}: {_snippet(str(e), 120)})") from None
+    _CHECKED[key] = n
+    return n
+
 def load_corpus(path=None,    # directory of {domain}.jsonl[.gz]; None: the embedded sample SAMPLE_DIR
                 domains=None, # a name or a list of names; None: every domain in the directory
                )->datasets.Dataset: # columns text, domain, source, id; domains in sorted order, documents in file order
-    "Load a corpus directory with `datasets`' json loader; ValueError naming the path or domain when there is nothing to load."
+    "Load a corpus directory with `datasets`' json loader, each file checked by `check_jsonl` first; ValueError naming the path, domain, or file and line."
     files = corpus_files(SAMPLE_DIR if path is None else path)
     if domains is None: domains = sorted(files)
     elif isinstance(domains, str): domains = [domains]
     unknown = [d for d in domains if d not in files]
     if unknown: raise ValueError(f"unknown domain(s) {unknown} in {str(SAMPLE_DIR if path is None else path)!r}; accepted: {sorted(files)}")
     if not domains: raise ValueError(f"domains={domains!r} is empty; accepted: a subset of {sorted(files)}")
+    for d in sorted(set(domains)): check_jsonl(files[d])
     return datasets.load_dataset("json", data_files=[str(files[d]) for d in sorted(set(domains))], split="train", features=_FEATURES)
 
 # %% ../nbs/00_data.ipynb #387e37d9
