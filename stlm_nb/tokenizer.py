@@ -53,8 +53,9 @@ def hub_offline()->str|None: # the variable that forbids the hub ("HF_HUB_OFFLIN
     return None
 
 def _looks_like_path(s:str)->bool:
-    "A string no hub id can be: a path that does not exist is reported as a missing directory."
-    return s.startswith(("/", ".", "~")) or s.count("/") > 1 or (os.sep != "/" and os.sep in s) or bool(os.altsep and os.altsep != "/" and os.altsep in s)
+    "A string no hub id can be (or `dir/name` under an existing local `dir`): a missing path is reported as a missing directory."
+    return (s.startswith(("/", ".", "~")) or s.count("/") > 1 or (os.sep != "/" and os.sep in s)
+            or bool(os.altsep and os.altsep != "/" and os.altsep in s) or ("/" in s and Path(s).parent.is_dir()))
 
 def _cached(repo_id:str, files:tuple)->bool:
     "One of `files` of `repo_id` is in the local hub cache (no network)."

@@ -114,6 +114,11 @@ def test_tokenizer_missing_path_is_a_missing_directory(path):
     assert _error(load_tokenizer, path) == f"tokenizer={path!r}: no such directory; {FIX}"
 
 
+def test_tokenizer_dir_slash_name_under_an_existing_dir_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path); (tmp_path / "runs").mkdir()
+    assert _error(load_tokenizer, "runs/tok") == f"tokenizer='runs/tok': no such directory; {FIX}"
+
+
 def test_tokenizer_missing_relative_path_object():
     assert _error(load_tokenizer, Path("no_such_tok")) == f"tokenizer='no_such_tok': no such directory; {FIX}"
 
