@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -21,17 +20,20 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 
 from . import data as D
 from .eval import evaluate as evaluate_tasks, offline_tasks
-from .cache import TeacherCache, build_teacher_cache, cache_key, fastest_inference_dtype, fingerprint_blocks, key_hash
+from .cache import TeacherCache, build_teacher_cache, cache_key, fingerprint_blocks, key_hash
 from .losses import (KD_KINDS, HintProjector, SparseTeacherLogits, distillation_loss, hint_loss, kd_loss_sum_count,
                             uniform_layer_map)
-from .models import (STUDENT_PRESETS, cache_dir, count_parameters, load_teacher, load_teacher_tokenizer,
-                            make_student)
+from .models import (STUDENT_PRESETS, cache_dir, count_parameters, load_model_config, load_teacher,
+                            load_teacher_tokenizer, make_student, student_config)
+from .runs import (PRECISIONS, matmul_parameters, paired_stats, prepare_out_dir, resolve_precision, unwrap_model,
+                          versions, write_json)
 from .mixture import DomainMixtureSampler, DomainWeightCallback, attach_domain_mixture
 from .tokenizer import load_tokenizer
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'BYTES_PER_TOKEN_BOUND', 'DistillConfig', 'parse_layer_map', 'prepare_data', 'collate_blocks',
-           'DistillationTrainer', 'per_domain_bpb', 'evaluate_blocks', 'run_distillation', 'main']
+           'DistillationTrainer', 'NonFiniteLossError', 'per_domain_bpb', 'evaluate_blocks', 'check_run',
+           'run_distillation', 'main']
 
 # %% ../nbs/05_trainer.ipynb #aa1a2802
 SCHEDULES = ("cosine", "warmup_stable_decay", "linear", "constant_with_warmup")
@@ -71,7 +73,7 @@ class DistillConfig:
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimiser steps (-1: from num_epochs)"})
-    bf16: str = field(default="auto", metadata={"help": "'auto' (bf16 autocast where it is faster), 'true' or 'false'"})
+    precision: str = field(default="auto", metadata={"help": "'auto' ($STLM_NB_PRECISION, else fp32 on CPU and bf16 on CUDA with bf16; stlm_nb.runs.resolve_precision), 'fp32' or 'bf16'"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "paired seeds: KD and CE-only students share init and data order per seed"})
     baseline: bool = field(default=True, metadata={"help": "also train the CE-only student (alpha=1) on the same tokens"})
     # data mixture (Sheared-LLaMA dynamic batch loading, stlm_nb.mixture)
@@ -105,10 +107,23 @@ class DistillConfig:
         if self.hint_layers != "uniform": parse_layer_map(self.hint_layers)
         if self.student not in STUDENT_PRESETS: bad("student", f"accepted: {', '.join(STUDENT_PRESETS)}")
         if self.lr_scheduler not in SCHEDULES: bad("lr_scheduler", f"accepted: {', '.join(SCHEDULES)}")
-        if str(self.bf16).lower() not in ("auto", "true", "false"): bad("bf16", "accepted: 'auto', 'true', 'false'")
+        if str(self.precision).lower() not in PRECISIONS: bad("precision", f"accepted: {', '.join(map(repr, PRECISIONS))}")
+        for name in ("learning_rate", "num_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0: bad(name, "must be a finite number >= 0")
+        if not self.learning_rate > 0: bad("learning_rate", "must be a finite number > 0")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
+            bad("max_steps", "must be a positive int, or -1 (from num_epochs)")
+        if self.max_steps < 0 and not self.num_epochs > 0:
+            bad("num_epochs", "must be a finite number > 0 (or set max_steps): zero epochs would report untrained students")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0): bad("weight_decay", "must be a finite number >= 0")
+        if not 0 <= self.warmup_ratio < 1: bad("warmup_ratio", "must be in [0, 1)")
         if not isinstance(self.eval_tasks_per_domain, int) or self.eval_tasks_per_domain < 0: bad("eval_tasks_per_domain", "must be an int >= 0")
-        for name in ("top_k", "block_size", "train_tokens", "eval_tokens_per_domain", "batch_size", "gradient_accumulation_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1: bad(name, "must be a positive int")
+        for name in ("top_k", "block_size", "train_tokens", "eval_tokens_per_domain", "batch_size", "gradient_accumulation_steps",
+                     "save_steps", "logging_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, "must be a positive int" + (" (the end of training is always saved)" if name == "save_steps" else ""))
         if self.block_size < 2: bad("block_size", "must be >= 2")
         if not self.seeds: bad("seeds", "at least one seed")
         if self.mixture not in ("none", "static", "dynamic"): bad("mixture", "accepted: 'none', 'static', 'dynamic'")
@@ -157,14 +172,18 @@ def _budget_documents(ds, tokens:int, per_domain:bool):
 def prepare_data(
     config:DistillConfig,
     tokenizer, # the student's (and teachers') tokenizer
-)->dict: # {"train": Dataset, "validation": Dataset, "stats": {domain: domain_stats}}
+    steering:bool=False, # also pack "steering" blocks (from the test split) for dynamic batch loading
+)->dict: # {"train", "validation"[, "steering"]: Dataset, "stats": {domain: domain_stats}}
     "Split, tokenize, pack and budget the corpus for one run (deterministic for a config)."
     corpus = D.load_corpus(config.corpus, domains=config.domains)
     splits = D.split_corpus(corpus)
+    # dynamic batch loading steers on test-split documents, disjoint from the validation blocks that are reported
+    # (the offline tasks draw sentences from validation and test documents alike: the mixture weights see those texts' losses)
+    splits["steering"] = splits["test"]
     out = {}
-    for name in ("train", "validation"):
+    for name in ("train", "validation") + (("steering",) if steering else ()):
         docs = _budget_documents(splits[name], config.train_tokens if name == "train" else config.eval_tokens_per_domain,
-                                 per_domain=name == "validation")
+                                 per_domain=name != "train")
         tok = D.tokenize_corpus(docs, tokenizer)
         if name == "validation": out["stats"] = D.domain_stats(tok)
         blocks = D.pack_blocks(tok, config.block_size, pad_token_id=tokenizer.pad_token_id)
@@ -204,6 +223,16 @@ class DistillationTrainer(Trainer):
         self.alpha = 1.0 if n == 0 else alpha
         self._parts: dict[str, list[float]] = {}
 
+    def get_batch_samples(self, epoch_iterator, num_batches:int, device):
+        "The step's micro-batches and their global count of *shifted* labels (position t predicts t+1), all ranks summed."
+        # Hugging Face counts unshifted labels for models whose loss_type is not the causal-LM loss (GPT-2 in
+        # transformers 5): one extra token per row would shrink loss and gradient by (T-1)/T. We count ourselves.
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches: return batches, None
+        n = sum((b["labels"][..., 1:] != -100).sum() for b in batches).to(device)
+        if self.accelerator.num_processes > 1: n = self.accelerator.gather(n.reshape(1)).sum()
+        return batches, n
+
     def _teacher_signals(self, inputs, hidden:bool=False):
         "Per-teacher logits or cached records; with `hidden`, also the first teacher's hidden states."
         if self.teacher_caches:
@@ -217,7 +246,9 @@ class DistillationTrainer(Trainer):
         use_hint = self.hint_weight > 0 and model.training
         outputs = model(input_ids=inputs["input_ids"], output_hidden_states=use_hint)
         logits = outputs.logits
-        if not model.training or self.alpha >= 1.0:  # held-out CE, or the CE-only baseline
+        if not model.training:  # held-out CE: a mean over this batch's counted positions (Trainer averages batches and ranks)
+            parts = distillation_loss(logits, labels, None, alpha=1.0, num_items=None)
+        elif self.alpha >= 1.0:  # the CE-only baseline
             parts = distillation_loss(logits, labels, None, alpha=1.0, num_items=num_items_in_batch)
         else:
             signals, teacher_hidden = self._teacher_signals(inputs, hidden=use_hint)
@@ -232,7 +263,7 @@ class DistillationTrainer(Trainer):
                 parts = {**parts, "loss": parts["loss"] + self.hint_weight * hint, "hint": hint.detach()}
         loss = parts["loss"]
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()} at step {self.state.global_step} (ce={parts['ce'].item()}, "
+            raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {self.state.global_step} (ce={parts['ce'].item()}, "
                                f"kd={float(parts['kd'])}); stopping. The last good checkpoint is in {self.args.output_dir}")
         if model.training:
             for k in ("ce", "kd", "hint"):
@@ -242,11 +273,26 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs:dict, *args, **kwargs):
-        if self._parts and "loss" in logs:  # the training parts since the last log, summed over micro-batches
+        if "loss" in logs:  # the training parts since the last log: summed over micro-batches and ranks, per step
             ga = self.args.gradient_accumulation_steps
-            for k, v in self._parts.items(): logs[f"train_{k}"] = sum(v) / max(1, len(v) / ga)
+            names = [k for k in ("ce", "kd", "hint") if k in self._parts]
+            if self.accelerator.num_processes > 1:  # each rank's parts are its share of the global mean: sum them
+                sums = torch.tensor([sum(self._parts.get(k, [])) for k in ("ce", "kd", "hint")] + [len(self._parts.get("ce", []))],
+                                    dtype=torch.float64, device=self.accelerator.device)
+                sums = self.accelerator.reduce(sums, reduction="sum")
+                present = torch.tensor([k in self._parts for k in ("ce", "kd", "hint")], device=self.accelerator.device)
+                present = self.accelerator.reduce(present.long(), reduction="sum") > 0
+                names = [k for k, on in zip(("ce", "kd", "hint"), present.tolist()) if on]
+                steps = max(1.0, float(sums[3]) / self.accelerator.num_processes / ga)
+                for i, k in enumerate(("ce", "kd", "hint")):
+                    if k in names: logs[f"train_{k}"] = float(sums[i]) / steps
+            else:
+                for k in names: logs[f"train_{k}"] = sum(self._parts[k]) / max(1, len(self._parts[k]) / ga)
             self._parts = {}
         super().log(logs, *args, **kwargs)
+
+class NonFiniteLossError(RuntimeError):
+    "Training produced a NaN or infinite loss (the message names the step and the loss parts)."
 
 # %% ../nbs/05_trainer.ipynb #912190e2
 def per_domain_bpb(
@@ -296,26 +342,32 @@ def evaluate_blocks(
     return per_domain_bpb(acc, stats)
 
 # %% ../nbs/05_trainer.ipynb #020dcfed
-def _bf16(config, device)->bool:
-    if str(config.bf16).lower() == "auto": return fastest_inference_dtype(device) == torch.bfloat16
-    return str(config.bf16).lower() == "true"
+def check_run(
+    config:DistillConfig,
+): # the student's tokenizer
+    "Every check that needs no weights and writes nothing: tokenizers, vocabularies, context lengths, top_k, corpus files."
+    tokenizer = load_teacher_tokenizer(config.teachers[0]) if config.tokenizer == "teacher" else load_tokenizer(config.tokenizer)
+    vocab = len(tokenizer)
+    for name in config.teachers:  # the same size is not the same tokenizer
+        ttok = load_teacher_tokenizer(name)
+        if ttok.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"teachers={name!r} has a different vocabulary ({len(ttok)} tokens) from the student's tokenizer "
+                             f"({vocab} tokens): adapt the teacher first (stlm_nb.adapt) or use tokenizer='teacher'")
+        tcfg = load_model_config(name, parameter="teachers")
+        limit = getattr(tcfg, "max_position_embeddings", None) or getattr(tcfg, "n_positions", None)
+        if limit is not None and config.block_size > limit:
+            raise ValueError(f"block_size={config.block_size}: longer than teacher {name!r}'s context "
+                             f"(max_position_embeddings={limit}); accepted: 2..{limit}")
+    D.check_block_size(config.block_size, student_config(config.student, vocab_size=vocab))
+    if config.corpus is not None:  # every corpus file scanned (file and line of the first bad record)
+        files = D.corpus_files(config.corpus)
+        for d in (config.domains or files):
+            if d not in files: raise ValueError(f"domains={config.domains!r}: {d!r} is not in corpus {config.corpus!r} ({', '.join(files)})")
+            D.check_jsonl(files[d])
+    if config.top_k > vocab: raise ValueError(f"top_k={config.top_k}: larger than the vocabulary ({vocab}); accepted: 1..{vocab}")
+    return tokenizer
 
-def _to_json(o):
-    "numpy / torch scalars as Python numbers; anything else as its string."
-    return o.item() if hasattr(o, "item") else str(o)
-
-def _versions()->dict:
-    import datasets, transformers, accelerate, tokenizers
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "datasets": datasets.__version__, "accelerate": accelerate.__version__, "tokenizers": tokenizers.__version__,
-            "numpy": np.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count()}
-
-def _matmul_params(model)->int:
-    "Parameters that take part in matmuls per token: non-embedding plus the LM head (tied or not)."
-    c = count_parameters(model); head = model.get_output_embeddings().weight.numel()
-    return c["non_embedding"] + head
-
-def _training_args(config, out, seed, bf16, n_blocks=None, world=1, **kw)->TrainingArguments:
+def _training_args(config, out, seed, precision, n_blocks=None, world=1, **kw)->TrainingArguments:
     if config.lr_scheduler == "warmup_stable_decay":  # MiniCPM: warm-up, constant, then decay over the last 10%
         per_epoch = math.ceil((n_blocks or 1) / (config.batch_size * config.gradient_accumulation_steps * world))
         total = config.max_steps if config.max_steps > 0 else math.ceil(per_epoch * config.num_epochs)
@@ -326,41 +378,41 @@ def _training_args(config, out, seed, bf16, n_blocks=None, world=1, **kw)->Train
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay, num_train_epochs=config.num_epochs, max_steps=config.max_steps,
-        bf16=bf16, use_cpu=not torch.cuda.is_available(), logging_steps=config.logging_steps, save_steps=config.save_steps,
+        bf16=precision.student_autocast, use_cpu=not torch.cuda.is_available(), logging_steps=config.logging_steps, save_steps=config.save_steps,
         save_total_limit=2, eval_strategy="steps", prediction_loss_only=True, eval_steps=max(1, config.logging_steps * 4), report_to="none",
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(), **kw)
 
 # %% ../nbs/05_trainer.ipynb #5f7ec85a
-def _paired_stats(v:list[float])->dict:
-    "Mean, sample std (nan for one seed) and the per-seed values of paired KD − CE differences."
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), "per_seed": v}
+def _teacher_bpb(cache:TeacherCache, blocks, stats:dict)->dict:
+    "A teacher's held-out loss and bits per byte per domain, from its cached target log-probs."
+    lp = cache.target_logprob().numpy(); doms = np.array(blocks["domain"])
+    sums = {}
+    for d in sorted(set(doms)):
+        v = lp[doms == d].astype(np.float64); v = v[~np.isnan(v)]
+        sums[d] = {"nll": float(-v.sum()), "tokens": int(v.size)}
+    return per_domain_bpb(sums, stats)
 
 def run_distillation(
     config:DistillConfig,
 )->dict: # the metrics written to `out_dir/metrics.json`
     "Data, tokenizer, teacher cache, paired KD and CE-only students per seed, evaluation, metrics and figures."
     t_start = time.time()
+    precision = resolve_precision(config.precision)
+    tokenizer = check_run(config)  # every check that needs no weights and no data: fail in seconds, write nothing
     out = Path(config.out_dir)
-    if (out / "metrics.json").exists() and not config.overwrite:
-        raise ValueError(f"out_dir={str(out)!r} already holds a completed run (metrics.json); pass overwrite=True "
-                         "or choose another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
     from accelerate import PartialState
     # initialises the process group under torchrun / accelerate launch; on CPU accelerate needs cpu=True to see the ranks (gloo)
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
+    if rank == 0:
+        prepare_out_dir(out, dataclasses.asdict(config), overwrite=config.overwrite)  # never reuse a run of another config
+        print(precision)
+    state.wait_for_everyone()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     timings = {}
-
-    # tokenizer and vocabulary check: the same size is not the same tokenizer (REFERENCE §1)
-    tokenizer = load_teacher_tokenizer(config.teachers[0]) if config.tokenizer == "teacher" else load_tokenizer(config.tokenizer)
-    for name in config.teachers:
-        ttok = load_teacher_tokenizer(name)
-        if ttok.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"teacher {name!r} has a different vocabulary ({len(ttok)} tokens) from the student's tokenizer "
-                             f"({len(tokenizer)} tokens): adapt the teacher first (stlm_nb.adapt) or use tokenizer='teacher'")
-    t0 = time.time(); data = prepare_data(config, tokenizer); timings["data_s"] = time.time() - t0
-    train_ids, val_ids = np.array(data["train"]["input_ids"]), np.array(data["validation"]["input_ids"])
+    steer = config.mixture == "dynamic"  # dynamic batch loading steers on its own held-out split, never on the reported one
+    t0 = time.time(); data = prepare_data(config, tokenizer, steering=steer); timings["data_s"] = time.time() - t0
+    ids = {s: np.array(data[s]["input_ids"]) for s in ("train", "validation", "steering") if s in data}
     # offline tasks (held-out documents; saved in the run so results stay comparable across runs)
     tasks = None
     if config.eval_tasks_per_domain:
@@ -370,59 +422,47 @@ def run_distillation(
         tasks = offline_tasks(**task_args)
     vocab = len(tokenizer)
 
-    # teachers: cache their outputs once (rank 0 builds; other ranks wait and open it), or keep them online
-    teacher_dtype = fastest_inference_dtype(device)
-    caches, val_caches, online, teacher_params = [], [], [], []
+    # teachers: cache their outputs once (rank 0 builds; the others wait and open it); online teachers load on every rank
+    caches, val_caches, steer_caches, online, teacher_params = [], [], [], [], []
     need_train = config.alpha < 1.0  # only a KD arm reads teacher outputs on training blocks: CE-only runs skip that forward
     t0 = time.time()
     for name in config.teachers:
-        keys = {split: cache_key(name, config.tokenizer if config.tokenizer != "teacher" else name, fingerprint_blocks(ids),
-                                 config.block_size, config.top_k, (1.0, config.temperature) if config.temperature != 1.0 else (1.0,),
-                                 str(teacher_dtype)) for split, ids in (("train", train_ids), ("validation", val_ids))}
+        temps = (1.0, config.temperature) if config.temperature != 1.0 else (1.0,)
+        keys = {s: cache_key(name, config.tokenizer if config.tokenizer != "teacher" else name, fingerprint_blocks(a),
+                             config.block_size, config.top_k, temps, str(precision.teacher_dtype)) for s, a in ids.items()}
         paths = {s: cache_dir() / "teacher_cache" / key_hash(k) for s, k in keys.items()}
+        splits = [s for s in ids if s != "train" or (need_train and config.teacher_mode == "cache")]
         model = None
-        if rank == 0 or config.teacher_mode == "online":
-            splits = ("train", "validation") if need_train and config.teacher_mode == "cache" else ("validation",)
-            need = config.teacher_mode == "online" or any(not (paths[s] / "meta.json").exists() for s in splits)
-            if need: model, _ = load_teacher(name, dtype=teacher_dtype, device=device)
-            for s, ids, lab in (("train", train_ids, data["train"]["labels"]), ("validation", val_ids, data["validation"]["labels"])):
-                if s not in splits: continue
-                build_teacher_cache(model, ids, paths[s], keys[s], labels=np.array(lab), vocab_size=vocab,
-                                    progress=rank == 0)
-            teacher_params.append(_matmul_params(model) if model is not None else None)
-        state.wait_for_everyone()  # other ranks open the cache only once rank 0 has renamed it into place
+        if config.teacher_mode == "online" or (rank == 0 and any(not (paths[s] / "meta.json").exists() for s in splits)):
+            model, _ = load_teacher(name, dtype=precision.teacher_dtype, device=device)
+        if rank == 0:
+            for s in splits:
+                build_teacher_cache(model, ids[s], paths[s], keys[s], labels=np.array(data[s]["labels"]), vocab_size=vocab, progress=True)
+        teacher_params.append(matmul_parameters(model) if model is not None else None)
+        state.wait_for_everyone()  # other ranks open the caches only once rank 0 has renamed them into place
         if config.teacher_mode == "cache" and need_train: caches.append(TeacherCache(paths["train"], expected_key=keys["train"]))
-        else: online.append(model)
+        elif config.teacher_mode == "online": online.append(model)
         val_caches.append(TeacherCache(paths["validation"], expected_key=keys["validation"]))
+        if steer: steer_caches.append(TeacherCache(paths["steering"], expected_key=keys["steering"]))
         if config.teacher_mode == "cache": del model
     timings["teachers_s"] = time.time() - t0
-
-    # teacher held-out loss per domain, from its cached target log-probs
-    teacher_eval = {}
-    for name, vc in zip(config.teachers, val_caches):
-        lp = vc.target_logprob().numpy(); doms = np.array(data["validation"]["domain"])
-        sums = {}
-        for d in sorted(set(doms)):
-            v = lp[doms == d].astype(np.float64); v = v[~np.isnan(v)]
-            sums[d] = {"nll": float(-v.sum()), "tokens": int(v.size)}
-        teacher_eval[name] = per_domain_bpb(sums, data["stats"])
+    teacher_eval = {name: _teacher_bpb(vc, data["validation"], data["stats"]) for name, vc in zip(config.teachers, val_caches)}
+    teacher_steering = {name: _teacher_bpb(sc, data["steering"], data["stats"]) for name, sc in zip(config.teachers, steer_caches)}
 
     # paired students: same seed -> same initialisation and data order for KD and CE-only
-    bf16 = _bf16(config, device)
     arms = [("kd", config.alpha)] + ([("ce", 1.0)] if config.baseline and config.alpha < 1.0 else [])
     runs = {}
     for seed in config.seeds:
         for arm, alpha in arms:
             run_dir = out / f"{arm}-seed{seed}"
             final = run_dir / "final"
-            student = make_student(config.student, tokenizer=tokenizer, seed=seed, max_position_embeddings=max(1024, config.block_size))
-            D.check_block_size(config.block_size, student.config)
+            student = make_student(config.student, tokenizer=tokenizer, seed=seed)
             projector = None
             if config.hint_weight > 0 and alpha < 1:  # trained beside the student: a submodule during training only
                 pairs = parse_layer_map(config.hint_layers, student.config.num_hidden_layers, online[0].config.num_hidden_layers)
                 projector = HintProjector(student.config.hidden_size, online[0].config.hidden_size, pairs)
                 student.add_module("stlm_hint_projector", projector)
-            args = _training_args(config, run_dir, seed, bf16, n_blocks=len(train_ids), world=world)
+            args = _training_args(config, run_dir, seed, precision, n_blocks=len(ids["train"]), world=world)
             trainer = DistillationTrainer(model=student, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                                           data_collator=collate_blocks, teacher_caches=caches if alpha < 1 else None,
                                           teachers=online if alpha < 1 else None, teacher_weights=config.teacher_weights,
@@ -431,12 +471,14 @@ def run_distillation(
                                           hint_weight=config.hint_weight if projector is not None else 0.0, hint_projector=projector)
             if config.mixture != "none":  # draw blocks by domain; dynamic: reweight towards the domains furthest above the teacher
                 sampler = DomainMixtureSampler(data["train"]["domain"], seed=args.data_seed)
-                reference = {d: v["nll"] for d, v in teacher_eval[config.teachers[0]].items() if d != "all"}
+                blocks = data["steering"] if steer else data["validation"]  # static: losses only logged, never acted on
+                reference = teacher_steering[config.teachers[0]] if steer else teacher_eval[config.teachers[0]]
                 attach_domain_mixture(trainer, sampler, DomainWeightCallback(
-                    sampler, data["validation"], reference, update_every=config.mixture_update_steps, dynamic=config.mixture == "dynamic",
-                    eta=config.mixture_eta, smoothing=config.mixture_smoothing, clip=config.mixture_clip, batch_size=config.batch_size))
+                    sampler, blocks, {d: v["nll"] for d, v in reference.items() if d != "all"}, update_every=config.mixture_update_steps,
+                    dynamic=steer, eta=config.mixture_eta, smoothing=config.mixture_smoothing, clip=config.mixture_clip,
+                    batch_size=config.batch_size))
             t0 = time.time()
-            if (final / "config.json").exists():  # finished before: reuse (resume of the whole experiment)
+            if (final / "config.json").exists():  # finished before under this same config (prepare_out_dir checked it): reuse
                 from transformers import AutoModelForCausalLM
                 trainer.model = student = AutoModelForCausalLM.from_pretrained(final)
                 run_state = json.loads((final / "stlm_nb_state.json").read_text())
@@ -451,9 +493,10 @@ def run_distillation(
                 run_state = {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step,
                              "train_runtime_s": result.metrics["train_runtime"], "resumed": has_ckpt,
                              "resumed_from_step": int(Path(last).name.split("-")[-1]) if has_ckpt else 0}
-                if rank == 0: (final / "stlm_nb_state.json").write_text(json.dumps(run_state))
+                if rank == 0: write_json(final / "stlm_nb_state.json", run_state)
             tokens_seen = run_state["global_step"] * config.batch_size * config.gradient_accumulation_steps * world * config.block_size
-            ev = evaluate_blocks(student.float(), data["validation"], data["stats"], val_caches[0], batch_size=config.batch_size)
+            student = unwrap_model(student)  # float32, no autocast wrapper: evaluation is the same whatever training used
+            ev = evaluate_blocks(student, data["validation"], data["stats"], val_caches[0], batch_size=config.batch_size)
             t_tasks = time.time()
             task_rows = evaluate_tasks(student, tokenizer, tasks, batch_size=32).to_dict("records") if tasks else []
             runs[f"{arm}-seed{seed}"] = {"arm": arm, "seed": seed, "alpha": alpha, "eval": ev, "tokens_seen": tokens_seen,
@@ -463,44 +506,50 @@ def run_distillation(
                                          "resumed_from_step": run_state.get("resumed_from_step", 0),
                                          "mixture": [h for h in run_state["log_history"] if any(k.startswith("mixture/") for k in h)]}
             if world > 1:  # each rank writes what it sees: tests check that ranks agree
-                (out / f"rank{rank}-{arm}-seed{seed}.json").write_text(json.dumps({"eval_all": ev["all"], "param_sum": float(sum(p.double().sum() for p in student.parameters()))}))
+                write_json(out / f"rank{rank}-{arm}-seed{seed}.json", {"eval_all": ev["all"], "param_sum": float(sum(p.double().sum() for p in student.parameters()))})
 
     # FLOPs: 6·N·tokens for a student step (forward + backward), 2·N_t·tokens per teacher forward (Kaplan et al. 2020)
     reference_student = make_student(config.student, tokenizer=tokenizer)  # counted as exported: no hint projector
-    n_student = _matmul_params(reference_student)
-    teacher_tokens = ((len(train_ids) if need_train else 0) + len(val_ids)) * config.block_size
+    n_student = matmul_parameters(reference_student)
+    teacher_tokens = sum(len(a) for s, a in ids.items() if s != "train" or need_train) * config.block_size
     paired = {}
     if any(r["arm"] == "ce" for r in runs.values()):
         diffs = {d: [runs[f"kd-seed{s}"]["eval"][d]["bpb"] - runs[f"ce-seed{s}"]["eval"][d]["bpb"] for s in config.seeds]
                  for d in runs[f"kd-seed{config.seeds[0]}"]["eval"]}
-        paired = {d: _paired_stats(v) for d, v in diffs.items()}
+        paired = {d: paired_stats(v) for d, v in diffs.items()}
     paired_tasks = {}
     if paired and tasks:
         def overall(rows): return {(r["task"], r["metric"]): r["value"] for r in rows if r["domain"] == "all"}
         per_seed = [(overall(runs[f"kd-seed{s}"]["tasks"]), overall(runs[f"ce-seed{s}"]["tasks"])) for s in config.seeds]
         for key in per_seed[0][0]:
-            v = [kd[key] - ce[key] for kd, ce in per_seed]
-            paired_tasks[f"{key[0]}/{key[1]}"] = _paired_stats(v)
+            paired_tasks[f"{key[0]}/{key[1]}"] = paired_stats([kd[key] - ce[key] for kd, ce in per_seed])
     metrics = {
-        "config": dataclasses.asdict(config), "versions": _versions(), "world_size": world, "bf16_autocast": bf16,
-        "teacher_dtype": str(teacher_dtype), "timings": {**timings, "total_s": time.time() - t_start},
-        "corpus": {"domain_stats": data["stats"], "train_blocks": len(train_ids), "validation_blocks": len(val_ids)},
+        "config": dataclasses.asdict(config), "versions": versions(), "world_size": world, "precision": precision.as_dict(),
+        "timings": {**timings, "total_s": time.time() - t_start},
+        "corpus": {"domain_stats": data["stats"], **{f"{s}_blocks": len(a) for s, a in ids.items()}},
         "parameters": {"student": count_parameters(reference_student)},
         "flops": {"student_step_per_token": 6 * n_student,
                   "teacher_forward_per_token": [2 * p if p else None for p in teacher_params],
                   "teacher_cache_tokens": teacher_tokens if config.teacher_mode == "cache" else 0},
-        "teacher": teacher_eval, "runs": runs, "kd_minus_ce_bpb": paired, "kd_minus_ce_tasks": paired_tasks,
+        "teacher": teacher_eval, **({"teacher_steering": teacher_steering} if steer else {}), "runs": runs, "kd_minus_ce_bpb": paired, "kd_minus_ce_tasks": paired_tasks,
         "offline_tasks": {"n_per_domain": config.eval_tasks_per_domain, "counts": {k: len(v) for k, v in (tasks or {}).items()}},
     }
-    if rank == 0:
-        tmp = out / "metrics.json.tmp"; tmp.write_text(json.dumps(metrics, indent=1, default=_to_json)); os.replace(tmp, out / "metrics.json")
+    if rank == 0: write_json(out / "metrics.json", metrics)
     return metrics
 
 # %% ../nbs/05_trainer.ipynb #d849da6f
 def main(argv:list[str]|None=None)->None:
-    "Parse `DistillConfig` from the command line (`HfArgumentParser`) and run it (exit status 0 on success)."
-    (config,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses(args=argv)
-    metrics = run_distillation(config)
+    "Parse `DistillConfig` from the command line (`HfArgumentParser`) and run it; the project's errors print as one line, exit 2."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("STLM_NB_DEBUG", "0") not in ("", "0")  # --debug: full tracebacks
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        (config,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses(args=argv)
+        metrics = run_distillation(config)
+    except (ValueError, NonFiniteLossError) as e:
+        if debug: raise
+        print(f"stlm-distill: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({"out_dir": config.out_dir, "teacher_bpb": {k: v["all"]["bpb"] for k, v in metrics["teacher"].items()},
                           "students_bpb": {k: r["eval"]["all"]["bpb"] for k, r in metrics["runs"].items()}}, indent=1))
