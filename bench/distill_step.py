@@ -47,13 +47,16 @@ def time_steps(step, n=STEPS, warmup=WARMUP):
 
 def main():
     torch.manual_seed(0)
-    teacher, tok = load_teacher("smollm2-135m", dtype=torch.float32)
+    from stlm_nb.runs import resolve_precision
+    precision = resolve_precision()  # fp32 on CPU unless STLM_NB_PRECISION says otherwise; recorded in the results
+    print(precision)
+    teacher, tok = load_teacher("smollm2-135m", dtype=precision.teacher_dtype)
     V = len(tok)
     ids = torch.randint(0, V, (B * 2, T))
     student = make_student("llama-7m", vocab_size=V, seed=0)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     with tempfile.TemporaryDirectory() as d:
-        key = cache_key("smollm2-135m", "smollm2-135m", fingerprint_blocks(ids), T, K, (1.0,), "torch.float32")
+        key = cache_key("smollm2-135m", "smollm2-135m", fingerprint_blocks(ids), T, K, (1.0,), str(precision.teacher_dtype))
         cache = build_teacher_cache(teacher, ids, Path(d) / "c", key, vocab_size=V, progress=False)
         batches = [torch.arange(i * B, (i + 1) * B) for i in range(2)]
         state = {"i": 0}
@@ -85,7 +88,7 @@ def main():
         "student_ce_flops_per_s": achieved, "bare_matmul_fp32_flops_per_s": peak,
         "student_fraction_of_matmul": achieved / peak,
     }
-    meta = {"batch": B, "block": T, "k": K, "student": "llama-7m", "teacher": "smollm2-135m (fp32)", "vocab": V,
+    meta = {"batch": B, "block": T, "k": K, "student": "llama-7m", "teacher": "smollm2-135m", "precision": precision.as_dict(), "vocab": V,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d %H:%M")}
     OUT.mkdir(parents=True, exist_ok=True)
