@@ -88,10 +88,11 @@ def _log1mexp(x:Tensor)->Tensor:
 
 @dataclass
 class SparseTeacherLogits:
-    "The k largest teacher logits per position, their token ids, and the full-vocabulary log-normaliser per temperature."
+    "The k largest teacher logits per position, their token ids, and per temperature the full-vocabulary log-normaliser and the tail's exact log mass."
     values:Tensor # (..., k) float: the k largest raw teacher logits (T=1 scale), any order
     indices:Tensor # (..., k) int64 or int32: their token ids, distinct within a position
-    log_normalizers:dict # {temperature T: (...,) float logsumexp(z/T) over the FULL vocabulary; float64 keeps small tails exact}
+    log_normalizers:dict # {temperature T: (...,) float logsumexp(z/T) over the FULL vocabulary}
+    log_tails:dict|None=None # {T: (...,) float log Σ_{v ∉ ids} softmax(z/T)_v, exact; -inf when k = V}; None: 1 − Σ p_i (noise below ~1e-15)
 
     def __post_init__(self):
         if self.values.shape != self.indices.shape:
@@ -104,6 +105,14 @@ class SparseTeacherLogits:
         for t, v in self.log_normalizers.items():
             if v.shape != self.shape:
                 raise ValueError(f"log_normalizers[{t}] has shape {tuple(v.shape)}; expected the positions' shape {tuple(self.shape)}")
+        if self.log_tails is not None:
+            self.log_tails = {float(t): v for t, v in self.log_tails.items()}
+            if set(self.log_tails) != set(self.log_normalizers):
+                raise ValueError(f"log_tails has temperatures {sorted(self.log_tails)} but log_normalizers {sorted(self.log_normalizers)}; "
+                                 "give both for the same temperatures")
+            for t, v in self.log_tails.items():
+                if v.shape != self.shape:
+                    raise ValueError(f"log_tails[{t}] has shape {tuple(v.shape)}; expected the positions' shape {tuple(self.shape)}")
 
     @property
     def shape(self)->torch.Size: return self.values.shape[:-1]  # positions (...)
@@ -118,62 +127,81 @@ class SparseTeacherLogits:
         k:int, # how many logits to keep per position, 1 <= k <= V
         temperatures:Sequence[float]=(1.0,), # every temperature the record will be used at
     )->SparseTeacherLogits:
-        "Top-k record of dense teacher logits, with exact log-normalisers at each temperature."
+        "Top-k record of dense teacher logits, with exact log-normalisers and log tails at each temperature."
         V = logits.shape[-1]
         if not 1 <= k <= V: raise ValueError(f"k={k} is not accepted; it must be in [1, V={V}]")
         values, indices = logits.detach().topk(k, dim=-1)
-        # normalisers in float64 (a few rows at a time): the tail 1 − Σ p_i is a difference, and a float32 normaliser
-        # (ulp ~2e-6 at 20) would leave it with an absolute error of ~1e-6
-        flat, rows = logits.detach().reshape(-1, V), max(1, (1 << 22) // V)
-        lse = {float(t): torch.cat([torch.logsumexp(flat[i:i + rows].double() / t, -1) for i in range(0, flat.shape[0], rows)])
-                         .reshape(logits.shape[:-1]) for t in temperatures}
-        return cls(values, indices, lse)
+        # float64, a few rows at a time (about 32 MiB per temporary): the tail is a log-sum-exp over the logits outside
+        # the top k, never the difference 1 − Σ p_i (rounding noise below ~1e-15)
+        flat, ids, rows = logits.detach().reshape(-1, V), indices.reshape(-1, k), max(1, (1 << 22) // V)
+        lse, tail = {float(t): [] for t in temperatures}, {float(t): [] for t in temperatures}
+        for i in range(0, flat.shape[0], rows):
+            x64 = flat[i:i + rows].double()
+            for t in lse:
+                x = x64 / t
+                lse[t].append(torch.logsumexp(x, -1))
+                tail[t].append(torch.logsumexp(x.scatter_(-1, ids[i:i + rows], -math.inf), -1) - lse[t][-1])  # -inf when k = V
+        shape = logits.shape[:-1]
+        cat = lambda parts: (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=logits.device)).reshape(shape)
+        return cls(values, indices, {t: cat(v) for t, v in lse.items()}, {t: cat(v) for t, v in tail.items()})
+
+    def _at(self, table:dict, temperature:float, what:str)->Tensor:
+        t = float(temperature)
+        if t in table: return table[t]
+        for key, v in table.items():
+            if math.isclose(key, t, rel_tol=1e-6): return v
+        raise ValueError(f"temperature={temperature} has no cached {what} (cached: {self.temperatures}); "
+                         "rebuild the teacher cache with this temperature")
 
     def log_normalizer(self, temperature:float)->Tensor:
         "(...,) logsumexp(z/T) over the full vocabulary; ValueError if T was not cached."
-        t = float(temperature)
-        if t in self.log_normalizers: return self.log_normalizers[t]
-        for key, v in self.log_normalizers.items():
-            if math.isclose(key, t, rel_tol=1e-6): return v
-        raise ValueError(f"temperature={temperature} has no cached log-normaliser (cached: {self.temperatures}); "
-                         "rebuild the teacher cache with this temperature")
+        return self._at(self.log_normalizers, temperature, "log-normaliser")
+
+    def log_tail(self, temperature:float)->Tensor|None:
+        "(...,) exact log mass of the tokens outside the k ids at T (None for a record without `log_tails`); ValueError if T was not cached."
+        return None if self.log_tails is None else self._at(self.log_tails, temperature, "log tail")
 
     def log_probs(self,
         temperature:float=1.0, # must be one of `temperatures`
         vocab_size:int|None=None, # V; when k >= V the tail category is empty (exactly 0)
         dtype:torch.dtype=torch.float32,
     )->Tensor: # (..., k+1) log-probabilities: the k ids, then the tail
-        "Exact teacher log-probabilities of the k ids at `temperature`, plus the tail `log(1 − Σ p_i)` as a last category."
-        # float64 arithmetic on these (..., k) tensors: the tail is a difference of numbers close to 1
+        "Exact teacher log-probabilities of the k ids at `temperature`, plus the tail's log mass as a last category."
         log_z = self.log_normalizer(temperature).double()
         top = (self.values.double() / temperature - log_z[..., None]).clamp(max=0.0)
+        stored = self.log_tail(temperature)
         if vocab_size is not None and self.k >= vocab_size:
             tail = torch.full_like(log_z, -math.inf)
+        elif stored is not None:
+            tail = stored.to(torch.float64).clamp(max=0.0)   # exact: no 1 − Σ p_i cancellation, no floor
         else:
-            # rounding can push Σ p_i to >= 1 for a very peaked teacher; the true tail is > 0, so floor it at
-            # the smallest normal number instead of 0 (a 0 would make reverse-KL-type divergences infinite)
+            # a record without log tails: log(1 − Σ p_i) in float64 is rounding noise below ~1e-15, and rounding can push
+            # Σ p_i to >= 1; floored at the smallest normal number (a 0 would make reverse-KL-type divergences infinite)
             tail = _log1mexp(torch.logsumexp(top, -1).clamp(max=0.0)).clamp(min=math.log(torch.finfo(dtype).tiny))
         return torch.cat([top, tail[..., None]], -1).to(dtype)
+
+    def _map(self, fn_k, fn_pos)->SparseTeacherLogits:
+        "A record with fn_k applied to the (..., k) tensors and fn_pos to the (...,) ones."
+        tails = None if self.log_tails is None else {t: fn_pos(v) for t, v in self.log_tails.items()}
+        return SparseTeacherLogits(fn_k(self.values), fn_k(self.indices), {t: fn_pos(v) for t, v in self.log_normalizers.items()}, tails)
 
     def __getitem__(self, idx)->SparseTeacherLogits:
         "Index the position dims (slices, ints, a (...) bool mask, an index tensor); the k dim is never indexed."
         if idx is Ellipsis or (isinstance(idx, tuple) and any(i is Ellipsis for i in idx)):
             raise ValueError("index SparseTeacherLogits with position indices only (no Ellipsis): the last dim is k")
-        return SparseTeacherLogits(self.values[idx], self.indices[idx], {t: v[idx] for t, v in self.log_normalizers.items()})
+        return self._map(lambda x: x[idx], lambda x: x[idx])
 
     def index_select(self, rows:Tensor)->SparseTeacherLogits:
         "Rows of a flat (N, k) record."
-        return SparseTeacherLogits(self.values.index_select(0, rows), self.indices.index_select(0, rows),
-                                   {t: v.index_select(0, rows) for t, v in self.log_normalizers.items()})
+        return self._map(lambda x: x.index_select(0, rows), lambda x: x.index_select(0, rows))
 
     def reshape(self, *shape)->SparseTeacherLogits:
         "Reshape the position dims, e.g. `.reshape(-1)` to flatten them."
-        return SparseTeacherLogits(self.values.reshape(*shape, self.k), self.indices.reshape(*shape, self.k),
-                                   {t: v.reshape(*shape) for t, v in self.log_normalizers.items()})
+        return self._map(lambda x: x.reshape(*shape, self.k), lambda x: x.reshape(*shape))
 
     def to(self, device)->SparseTeacherLogits:
         "Move to `device` (dtypes unchanged)."
-        return SparseTeacherLogits(self.values.to(device), self.indices.to(device), {t: v.to(device) for t, v in self.log_normalizers.items()})
+        return self._map(lambda x: x.to(device), lambda x: x.to(device))
 
 # %% ../nbs/03_losses.ipynb #e0d20910
 def _check_vocab(student_vocab:int, teacher, vocab_size:int|None):
@@ -372,32 +400,34 @@ class _FusedCESparseKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, row_w, teacher, kind, temperature, beta, skew, a_ce, a_kd, out):
         dtype = _compute_dtype(logits)
+        T = temperature
         z = logits.detach().to(dtype)                                    # (N, V): no copy for float32 logits
         idx = teacher.indices.long()                                     # (N, k)
-        lse = torch.logsumexp(z, -1)                                     # (N,)
+        work = z.clone() if T == 1.0 else z / T                          # (N, V): the one working tensor, z/T
+        lse_t = torch.logsumexp(work, -1)                                # (N,) KD normaliser at T
+        lse = lse_t if T == 1.0 else torch.logsumexp(z, -1)              # (N,) CE normaliser at 1
         ce = (lse - z.gather(-1, targets[:, None]).squeeze(-1)) * row_w  # (N,)
-        zt_top = z.gather(-1, idx)
-        if temperature == 1.0: lse_t = lse
-        else: zt_top = zt_top / temperature; lse_t = torch.logsumexp(z / temperature, -1)
-        s_t = torch.sub(z if temperature == 1.0 else z / temperature, lse_t[:, None]).exp_()  # (N, V) KD softmax
-        s_top = s_t.gather(-1, idx)                                      # (N, k) student mass on the teacher's ids
-        s_t.scatter_(-1, idx, 0.0)                                       # s_t now holds the tail only, so its sum
-        q_tail = s_t.sum(-1)                                             # is the exact tail: no 1 - Σ cancellation
-        log_tail = torch.full_like(q_tail, -math.inf) if idx.shape[-1] >= z.shape[-1] else q_tail.clamp_min(torch.finfo(dtype).tiny).log()
-        log_q = torch.cat([zt_top - lse_t[:, None], log_tail[:, None]], -1).requires_grad_()
+        log_s_top = work.gather(-1, idx) - lse_t[:, None]                # (N, k) student log-probs of the teacher's ids
+        work.scatter_(-1, idx, -math.inf)                                # work now holds the tail's logits only
+        lse_rest = torch.logsumexp(work, -1)                             # (N,) log-sum-exp outside the ids; -inf when k = V
+        log_q = torch.cat([log_s_top, (lse_rest - lse_t)[:, None]], -1).requires_grad_()  # exact, in log space
         with torch.enable_grad():
-            kd = divergence(log_q, teacher.log_probs(temperature, vocab_size=z.shape[-1], dtype=dtype), kind, beta, skew)
+            kd = divergence(log_q, teacher.log_probs(T, vocab_size=z.shape[-1], dtype=dtype), kind, beta, skew)
             (g,) = torch.autograd.grad((kd * row_w).sum(), log_q)       # (N, k+1) = w_n · dKD_n/dlog q
         g = torch.nan_to_num(g)                                          # 0·inf of an empty tail category
         g_top, g_tail, G = g[:, :-1], g[:, -1], g.sum(-1)
-        # d log q_i/dz_v = (δ_{v,id_i} − s_v)/T ;  d log q_tail/dz_v = ([v ∉ ids]·s_v/q_tail − s_v)/T ;  dCE/dz_v = s1_v − δ_{v,y}
-        tail_coef = a_kd * (g_tail / q_tail.clamp_min(1e-30) - G) / temperature            # (N,)
-        top = a_kd * (g_top - s_top * G[:, None]) / temperature                             # (N, k)
-        if temperature == 1.0:                                           # one (N, V) tensor for both terms
-            grad = s_t.mul_((a_ce * row_w + tail_coef)[:, None])
-            grad.scatter_add_(-1, idx, top + (a_ce * row_w)[:, None] * s_top)  # the ids' CE softmax entries
+        s_top, q_tail = log_s_top.exp(), (lse_rest - lse_t).exp()        # q_tail may underflow: it only scales G below
+        # r_v = exp(z_v/T − lse_rest): the student's distribution inside its tail (0 at the ids), never s_v / q_tail
+        r = work.sub_(torch.where(torch.isfinite(lse_rest), lse_rest, 0.0)[:, None]).exp_()
+        # d log q_i/dz_v = (δ_{v,id_i} − s_v)/T ; d log q_tail/dz_v = ([v ∉ ids]·r_v − s_v)/T with s_v = q_tail·r_v outside the
+        # ids ; dCE/dz_v = s1_v − δ_{v,y}
+        tail_coef = a_kd * (g_tail - G * q_tail) / T                     # (N,) multiplies r_v
+        top = a_kd * (g_top - s_top * G[:, None]) / T                    # (N, k)
+        if T == 1.0:                                                     # one (N, V) tensor for both terms: s1_v = q_tail·r_v
+            grad = r.mul_((a_ce * row_w * q_tail + tail_coef)[:, None])
+            grad.scatter_add_(-1, idx, top + (a_ce * row_w)[:, None] * s_top)  # the ids' CE softmax entries (r is 0 there)
         else:
-            grad = torch.sub(z, lse[:, None]).exp_().mul_((a_ce * row_w)[:, None]).add_(s_t.mul_(tail_coef[:, None]))
+            grad = r.mul_(tail_coef[:, None]).add_(torch.sub(z, lse[:, None]).exp_().mul_((a_ce * row_w)[:, None]))
             grad.scatter_add_(-1, idx, top)
         grad.scatter_add_(-1, targets[:, None], (-a_ce * row_w)[:, None].to(dtype))
         ctx.save_for_backward(grad)
@@ -426,7 +456,6 @@ def _fused_distillation(student_logits, labels, teacher, *, alpha, temperature, 
     total = _FusedCESparseKD.apply(z.reshape(B * L, z.shape[-1]), tgt.clamp_min(0), valid.to(dtype), teacher.reshape(B * L),
                                    kind, float(temperature), beta, skew, alpha, (1 - alpha) * scale, out)
     return {"loss": total / denom, "ce": out["ce_sum"] / denom, "kd": out["kd_sum"] / denom}
-
 
 # %% ../nbs/03_losses.ipynb #7de41988
 def _check_alpha(alpha):
@@ -554,12 +583,14 @@ def uniform_layer_map(
     n_student_layers:int, # L_s >= 1 transformer blocks
     n_teacher_layers:int, # L_t >= L_s
     include_embeddings:bool=False, # also pair the embedding outputs (0 -> 0)
-)->list: # [(student index, teacher index)] in hidden_states numbering (0 = embeddings)
-    "Student block i <-> teacher block i·k, k = L_t // L_s (every k-th teacher layer; FitNets, PalenkaLM deep supervision)."
+)->list: # [(student index, teacher index)] in hidden_states numbering (0 = embeddings, L = after the final norm)
+    """Like with like (FitNets; PalenkaLM deep supervision): raw student block i <-> raw teacher block round(i·L_t/L_s) for
+    1 <= i < L_s, the last (normalised) state L_s <-> L_t, and embeddings 0 <-> 0 if asked."""
     if n_student_layers < 1 or n_teacher_layers < n_student_layers:
         raise ValueError(f"n_student_layers={n_student_layers}, n_teacher_layers={n_teacher_layers} are not accepted; need 1 <= L_s <= L_t")
-    k = n_teacher_layers // n_student_layers
-    return ([(0, 0)] if include_embeddings else []) + [(i, i * k) for i in range(1, n_student_layers + 1)]
+    L_s, L_t = int(n_student_layers), int(n_teacher_layers)
+    raw = [(i, (2 * i * L_t + L_s) // (2 * L_s)) for i in range(1, L_s)]   # round half up; <= L_t − 1 since L_t >= L_s
+    return ([(0, 0)] if include_embeddings else []) + raw + [(L_s, L_t)]
 
 class HintProjector(nn.Module):
     "One Linear (student width -> teacher width) per mapped layer pair; kept beside the student, never inside it."
@@ -587,7 +618,8 @@ def hint_loss(
 )->Tensor: # float32 scalar
     """Mean over layer pairs of the mean over valid positions and dims of ‖P·h_s − h_t‖²: FitNets' hint loss (Romero et al. 2015,
     without its ½) on each pair, averaged over pairs as in PalenkaLM's deep supervision. Raises ValueError for a layer map that
-    does not match the projector or the models, or a mask of the wrong shape."""
+    does not match the projector or the models, a pair that mixes one model's last (normalised) state with the other's raw
+    residual stream, or a mask of the wrong shape."""
     pairs = projector.layer_map if layer_map is None else tuple((int(s), int(t)) for s, t in layer_map)
     if pairs != projector.layer_map:
         raise ValueError(f"layer_map={list(pairs)} is not the projector's {list(projector.layer_map)}")
@@ -595,6 +627,14 @@ def hint_loss(
         if not (0 <= s < len(student_hidden_states) and 0 <= t < len(teacher_hidden_states)):
             raise ValueError(f"layer pair ({s}, {t}) is out of range: the student has {len(student_hidden_states)} hidden states "
                              f"and the teacher {len(teacher_hidden_states)} (0 = embeddings)")
+    last_s, last_t = len(student_hidden_states) - 1, len(teacher_hidden_states) - 1   # after the final norm (Hugging Face)
+    for s, t in pairs:
+        if (s == last_s) != (t == last_t):
+            normed, raw = (f"the student's last state {s}", f"the teacher's raw layer {t}") if s == last_s else \
+                          (f"the teacher's last state {t}", f"the student's raw layer {s}")
+            raise ValueError(f"layer pair ({s}, {t}) mixes {normed} (after the final norm, RMS ~1) with {raw} (the residual stream, "
+                             f"RMS ~0.02 in a small LLaMA); pair like with like: ({last_s}, {last_t}) for the last states, raw layers "
+                             "with raw layers (uniform_layer_map does)")
     projected = projector(student_hidden_states)
     total = 0.0
     for y, (_, t) in zip(projected, pairs):

@@ -306,7 +306,9 @@ def test_sparse_record_helpers():
     assert torch.equal(rec[mask].values, rec.values[mask]) and torch.equal(rec[mask].log_normalizers[2.0], rec.log_normalizers[2.0][mask])
     assert rec.reshape(-1).shape == (6,)
     assert rec.to("cpu").values.device.type == "cpu"
-    rec32 = SparseTeacherLogits(rec.values.half(), rec.indices.int(), rec.log_normalizers)     # cache storage dtypes
+    assert torch.equal(rec[mask].log_tails[2.0], rec.log_tails[2.0][mask]) and rec.reshape(-1).log_tails[1.0].shape == (6,)
+    rec32 = SparseTeacherLogits(rec.values.half(), rec.indices.int(), rec.log_normalizers,                  # cache storage dtypes
+                                {t: v.float() for t, v in rec.log_tails.items()})
     torch.testing.assert_close(kd_loss(z, rec32, temperature=2.0), kd_loss(z, rec, temperature=2.0), rtol=2e-3, atol=2e-3)
     peaked = torch.zeros(1, 50)
     peaked[0, 0] = 40.0                                                          # top-1 holds 1 - 1e-16: tail rounds to 0
@@ -314,6 +316,98 @@ def test_sparse_record_helpers():
     assert math.isfinite(kd_loss(torch.zeros(1, 50), rec_peaked, kind="rkl").item())   # floored, not +inf
     with pytest.raises(ValueError, match="Ellipsis"):
         rec[..., 0]
+
+
+def dense_k_plus_1(logits, k, T):
+    "float64 reference: log-probabilities of the teacher's top-k ids (of `logits`' own top k) and of the merged tail."
+    lp = torch.log_softmax(logits.double() / T, -1)
+    ids = logits.topk(k, -1).indices
+    rest = lp.scatter(-1, ids, -math.inf)
+    return torch.cat([lp.gather(-1, ids), torch.logsumexp(rest, -1, keepdim=True)], -1), ids
+
+
+@pytest.mark.parametrize("gap", [38.0, 90.0])
+def test_sparse_tail_of_a_confident_teacher_is_exact(gap):
+    "Issue 12d: the tail is stored as a log mass; 1 − Σ p_i was rounding noise (log tail −87.3 for −34.1 at gap 38)."
+    V, k, T = 50, 2, 1.0
+    g = torch.Generator().manual_seed(0)
+    zt = torch.randn(2, 3, V, generator=g)
+    zt[..., 0] += gap                                                            # one token `gap` above the rest
+    zs = 2 * torch.randn(2, 3, V, generator=g)                                   # a student with a real tail
+    rec = SparseTeacherLogits.from_dense(zt, k=k, temperatures=(T, 2.0))
+    lp_ref, ids = dense_k_plus_1(zt, k, T)
+    assert torch.equal(rec.indices, ids)
+    np.testing.assert_allclose(rec.log_probs(T)[..., -1].double().numpy(), lp_ref[..., -1].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(rec.log_tail(T).numpy(), lp_ref[..., -1].numpy(), rtol=1e-9)
+    lq_ref = torch.cat([torch.log_softmax(zs.double(), -1).gather(-1, ids),
+                        torch.logsumexp(torch.log_softmax(zs.double(), -1).scatter(-1, ids, -math.inf), -1, keepdim=True)], -1)
+    ref = {"rkl": (lq_ref.exp() * (lq_ref - lp_ref)).sum(-1).mean().item(), "fkl": (lp_ref.exp() * (lp_ref - lq_ref)).sum(-1).mean().item()}
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    for kind, want in ref.items():
+        for chunk in (None, 2):                                                  # plain and chunked paths
+            np.testing.assert_allclose(kd_loss(zs, rec, kind=kind, chunk_size=chunk).item(), want, rtol=1e-5)
+        np.testing.assert_allclose(kd_loss(zs, [rec, rec], kind=kind).item(), want, rtol=1e-5)   # a list of teachers
+        x = zs.clone().requires_grad_()                                          # the fused CE + KD path (one sparse teacher)
+        fused = distillation_loss(x, labels, rec, alpha=0.0, kind=kind)["kd"].item()
+        want_shifted = {"rkl": (lq_ref.exp() * (lq_ref - lp_ref)), "fkl": (lp_ref.exp() * (lp_ref - lq_ref))}[kind][:, :-1].sum(-1).mean().item()
+        np.testing.assert_allclose(fused, want_shifted, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_fused_tail_gradient_of_a_confident_student(kind):
+    "Issue 12e: the student's tail mass (~4e-38 at a logit gap of 90, T = 1) underflows; its tokens keep their gradient."
+    V = 50
+    zs = torch.zeros(1, 4, V); zs[..., 0] = 90.0                                # student: certain of token 0
+    zt = torch.zeros(1, 4, V); zt[..., 0] = 5.0; zt[0, 2, 3] = 4.0               # teacher: p_tail ~ 0.25
+    rec = SparseTeacherLogits.from_dense(zt, k=1)
+    labels = torch.tensor([[0, 0, 7, 0]])
+    kw = dict(alpha=0.3, kind=kind, beta=0.3, skew=0.1)
+    grads = {}
+    for name, teacher in (("fused", rec), ("plain", [rec])):                     # a list of one teacher: plain autograd path
+        x = zs.clone().requires_grad_()
+        distillation_loss(x, labels, teacher, **kw)["loss"].backward()
+        grads[name] = x.grad
+    # float64 autograd reference over the k+1 = 2 categories, from the definitions
+    x = zs.double().requires_grad_()
+    lq = torch.log_softmax(x[:, :-1], -1)
+    lp = torch.log_softmax(zt[:, :-1].double(), -1)
+    merge = lambda l: torch.stack([l[..., 0], torch.logsumexp(l[..., 1:], -1)], -1)
+    q, p = merge(lq).exp(), merge(lp).exp()
+    kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)
+    kd = {"fkl": kl(p, q), "rkl": kl(q, p), "jsd": 0.3 * kl(p, 0.3 * p + 0.7 * q) + 0.7 * kl(q, 0.3 * p + 0.7 * q),
+          "sfkl": kl(p, 0.1 * p + 0.9 * q), "srkl": kl(q, 0.9 * p + 0.1 * q), "tvd": 0.5 * (p - q).abs().sum(-1)}[kind]
+    ce = F.cross_entropy(x[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="sum")
+    ((0.3 * ce + 0.7 * kd.sum()) / 3).backward()
+    ref = x.grad.float()
+    for name, got in grads.items():
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    if kind == "fkl":                                                            # here the tail tokens' gradient is large (−p_tail/49)
+        assert ref[0, 0, 1].item() < -1e-3
+
+
+def test_hint_pairs_match_normalised_with_normalised():
+    "Issue 12f: the last hidden state (after the final norm, RMS ~1) pairs with the last, raw layers with raw ones."
+    from stlm_nb.models import make_student
+    for L_s, L_t in ((4, 30), (3, 7), (2, 6), (16, 24), (5, 5), (1, 9)):
+        pairs = uniform_layer_map(L_s, L_t)
+        assert len(pairs) == L_s and [s for s, _ in pairs] == list(range(1, L_s + 1))
+        assert all((s == L_s) == (t == L_t) for s, t in pairs), (L_s, L_t, pairs)
+    assert uniform_layer_map(4, 30) == [(1, 8), (2, 15), (3, 23), (4, 30)]
+    student = make_student("llama-tiny", vocab_size=50, num_hidden_layers=3, seed=0)
+    teacher = make_student("llama-tiny", vocab_size=50, hidden_size=48, num_hidden_layers=7, seed=1)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hs, ht = student(ids, output_hidden_states=True).hidden_states, teacher(ids, output_hidden_states=True).hidden_states
+    rms = lambda h: h.pow(2).mean().sqrt().item()
+    for s, t in uniform_layer_map(3, 7):                                         # like with like: the scales agree
+        assert (rms(hs[s]) > 0.5) == (rms(ht[t]) > 0.5), (s, t, rms(hs[s]), rms(ht[t]))
+    assert rms(hs[3]) > 0.5 and rms(ht[7]) > 0.5 and rms(hs[1]) < 0.2 and rms(ht[6]) < 0.2
+    projector = HintProjector(32, 48, uniform_layer_map(3, 7))
+    assert hint_loss(hs, ht, projector).item() > 0
+    with pytest.raises(ValueError, match=r"layer pair \(3, 6\) mixes the student's last state 3"):
+        hint_loss(hs, ht, HintProjector(32, 48, [(1, 2), (3, 6)]))              # the old map's pair for L_s=3, L_t=7
+    with pytest.raises(ValueError, match=r"layer pair \(2, 7\) mixes the teacher's last state 7"):
+        hint_loss(hs, ht, HintProjector(32, 48, [(2, 7)]))
 
 
 # ---------------------------------------------------------------- chunked == plain
