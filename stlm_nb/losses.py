@@ -131,16 +131,20 @@ class SparseTeacherLogits:
         V = logits.shape[-1]
         if not 1 <= k <= V: raise ValueError(f"k={k} is not accepted; it must be in [1, V={V}]")
         values, indices = logits.detach().topk(k, dim=-1)
-        # float64, a few rows at a time (about 32 MiB per temporary): the tail is a log-sum-exp over the logits outside
-        # the top k, never the difference 1 − Σ p_i (rounding noise below ~1e-15)
-        flat, ids, rows = logits.detach().reshape(-1, V), indices.reshape(-1, k), max(1, (1 << 22) // V)
+        # per temperature, ONE pass over the vocabulary, a few rows at a time (16 MiB temporaries), in float32 (float64 stays
+        # float64): the log-sum-exp of the logits outside the top k; the normaliser is its log-add-exp with the top k's (float64)
+        flat, ids = logits.detach().reshape(-1, V), indices.reshape(-1, k)
+        top64, rows = values.reshape(-1, k).double(), max(1, (1 << 22) // V)
         lse, tail = {float(t): [] for t in temperatures}, {float(t): [] for t in temperatures}
         for i in range(0, flat.shape[0], rows):
-            x64 = flat[i:i + rows].double()
+            x0 = flat[i:i + rows].to(_compute_dtype(flat))
             for t in lse:
-                x = x64 / t
-                lse[t].append(torch.logsumexp(x, -1))
-                tail[t].append(torch.logsumexp(x.scatter_(-1, ids[i:i + rows], -math.inf), -1) - lse[t][-1])  # -inf when k = V
+                x = (x0.clone() if t == 1.0 else x0 / t).scatter_(-1, ids[i:i + rows], -math.inf)   # the tail's logits
+                m = x.amax(-1)
+                m = torch.where(torch.isfinite(m), m, 0.0)                   # an empty tail (k = V): log-sum-exp -inf below
+                rest = m.double() + x.sub_(m[:, None]).exp_().sum(-1).double().log()
+                norm = torch.logaddexp(torch.logsumexp(top64[i:i + rows] / t, -1), rest)
+                lse[t].append(norm); tail[t].append(rest - norm)             # exact: no 1 − Σ p_i
         shape = logits.shape[:-1]
         cat = lambda parts: (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=logits.device)).reshape(shape)
         return cls(values, indices, {t: cat(v) for t, v in lse.items()}, {t: cat(v) for t, v in tail.items()})
@@ -403,13 +407,18 @@ class _FusedCESparseKD(torch.autograd.Function):
         T = temperature
         z = logits.detach().to(dtype)                                    # (N, V): no copy for float32 logits
         idx = teacher.indices.long()                                     # (N, k)
-        work = z.clone() if T == 1.0 else z / T                          # (N, V): the one working tensor, z/T
-        lse_t = torch.logsumexp(work, -1)                                # (N,) KD normaliser at T
-        lse = lse_t if T == 1.0 else torch.logsumexp(z, -1)              # (N,) CE normaliser at 1
+        lse = torch.logsumexp(z, -1)                                     # (N,) CE normaliser at T = 1
         ce = (lse - z.gather(-1, targets[:, None]).squeeze(-1)) * row_w  # (N,)
+        work = (z.clone() if z.data_ptr() == logits.data_ptr() else z) if T == 1.0 else z / T   # (N, V) z/T: the one working tensor
+        lse_t = lse if T == 1.0 else torch.logsumexp(work, -1)           # (N,) KD normaliser at T
         log_s_top = work.gather(-1, idx) - lse_t[:, None]                # (N, k) student log-probs of the teacher's ids
         work.scatter_(-1, idx, -math.inf)                                # work now holds the tail's logits only
-        lse_rest = torch.logsumexp(work, -1)                             # (N,) log-sum-exp outside the ids; -inf when k = V
+        # the tail's log-sum-exp and its softmax r_v = exp(z_v/T − lse_rest), in place (no further (N, V) tensor)
+        m = work.amax(-1)
+        m = torch.where(torch.isfinite(m), m, 0.0)                       # (N,) 0 for an empty tail (k = V)
+        sum_rest = work.sub_(m[:, None]).exp_().sum(-1)                  # (N,) >= 1, or 0 for an empty tail
+        lse_rest = m + sum_rest.log()                                    # (N,) log-sum-exp outside the ids; -inf if empty
+        r = work.div_(sum_rest.clamp_min(torch.finfo(dtype).tiny)[:, None])  # (N, V): 0 at the ids
         log_q = torch.cat([log_s_top, (lse_rest - lse_t)[:, None]], -1).requires_grad_()  # exact, in log space
         with torch.enable_grad():
             kd = divergence(log_q, teacher.log_probs(T, vocab_size=z.shape[-1], dtype=dtype), kind, beta, skew)
@@ -417,8 +426,6 @@ class _FusedCESparseKD(torch.autograd.Function):
         g = torch.nan_to_num(g)                                          # 0·inf of an empty tail category
         g_top, g_tail, G = g[:, :-1], g[:, -1], g.sum(-1)
         s_top, q_tail = log_s_top.exp(), (lse_rest - lse_t).exp()        # q_tail may underflow: it only scales G below
-        # r_v = exp(z_v/T − lse_rest): the student's distribution inside its tail (0 at the ids), never s_v / q_tail
-        r = work.sub_(torch.where(torch.isfinite(lse_rest), lse_rest, 0.0)[:, None]).exp_()
         # d log q_i/dz_v = (δ_{v,id_i} − s_v)/T ; d log q_tail/dz_v = ([v ∉ ids]·r_v − s_v)/T with s_v = q_tail·r_v outside the
         # ids ; dCE/dz_v = s1_v − δ_{v,y}
         tail_coef = a_kd * (g_tail - G * q_tail) / T                     # (N,) multiplies r_v

@@ -338,7 +338,7 @@ def test_sparse_tail_of_a_confident_teacher_is_exact(gap):
     lp_ref, ids = dense_k_plus_1(zt, k, T)
     assert torch.equal(rec.indices, ids)
     np.testing.assert_allclose(rec.log_probs(T)[..., -1].double().numpy(), lp_ref[..., -1].numpy(), rtol=1e-6)
-    np.testing.assert_allclose(rec.log_tail(T).numpy(), lp_ref[..., -1].numpy(), rtol=1e-9)
+    np.testing.assert_allclose(rec.log_tail(T).numpy(), lp_ref[..., -1].numpy(), rtol=1e-6)
     lq_ref = torch.cat([torch.log_softmax(zs.double(), -1).gather(-1, ids),
                         torch.logsumexp(torch.log_softmax(zs.double(), -1).scatter(-1, ids, -math.inf), -1, keepdim=True)], -1)
     ref = {"rkl": (lq_ref.exp() * (lq_ref - lp_ref)).sum(-1).mean().item(), "fkl": (lp_ref.exp() * (lp_ref - lq_ref)).sum(-1).mean().item()}
