@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
 from .models import count_parameters
+from .runs import PRECISIONS, matmul_parameters, prepare_out_dir, resolve_precision, unwrap_model, versions, write_json
 from .trainer import DistillationTrainer
 
 # %% auto #0
@@ -165,18 +166,22 @@ class PruningMasks(nn.Module):
     def expected_sparsity(self)->dict: # {mask: 0-dim tensor ŝ_m}, differentiable
         return {m: 1.0 - p.mean() for m, p in self.probabilities().items()}
 
+    def row_sparsity(self)->dict: # {mask: ŝ per row}: (L,) for the per-layer masks, 0-dim for `layer` and `hidden`
+        "Expected sparsity of each row of the last dimension (Sheared-LLaMA `calculate_expected_score_sparsity`)."
+        return {m: 1.0 - p.mean(-1) for m, p in self.probabilities().items()}
+
     def expected_parameters(self)->dict: # `expected_parameter_count` of the masked model
         return expected_parameter_count(self.config, self.probabilities())
 
     def lagrangian(self,
                    target_fraction:float=1.0, # warm-up: the target sparsity is t_m · target_fraction
-                  )->Tensor: # scalar: Σ_m λ1_m (ŝ_m − t_m) + λ2_m (ŝ_m − t_m)²
-        "The Lagrangian penalty towards the target shape (Xia et al. 2024, eq. 1)."
-        total = torch.zeros(())
-        for m, s_hat in self.expected_sparsity().items():
-            gap = s_hat - self.target_sparsity()[m] * target_fraction
-            total = total + self.lambdas[f"lambda_1_{m}"] * gap + self.lambdas[f"lambda_2_{m}"] * gap ** 2
-        return total
+                  )->Tensor: # scalar: Σ_m mean_rows[λ1_m (ŝ_m,row − t_m) + λ2_m (ŝ_m,row − t_m)²]
+        "Lagrangian towards the target shape (Xia et al. 2024, eq. 1), per layer for per-layer masks as LLM-Shearing's `l0_module`."
+        terms = []
+        for m, s_rows in self.row_sparsity().items():
+            gap = s_rows - self.target_sparsity()[m] * target_fraction  # (L,) or 0-dim
+            terms.append((self.lambdas[f"lambda_1_{m}"] * gap + self.lambdas[f"lambda_2_{m}"] * gap ** 2).mean())
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def sample(self)->dict: # {mask: sampled gates}
         return {m: hard_concrete_sample(la) for m, la in self.log_alpha.items()}
@@ -215,13 +220,16 @@ class PruningHooks:
     def __exit__(self, *exc): self.remove()
 
 def _masked_rmsnorm(masks):
+    # RMSNorm over the kept dims only: dropped dims of the residual stream are 0, so feeding x·c with c² = d / kept
+    # makes the norm's mean of squares the mean over the kept dims; its output is then divided by c. The module's own
+    # forward does the work, so the masked norm computes in whatever precision the norm itself uses (exact at all-ones: c = 1).
     def hook(module, args, output):
         zh = masks.current.get("hidden")
         if zh is None: return None
-        x = args[0]; h = x.to(torch.float32)
-        kept = (zh != 0).sum().clamp_min(1).to(torch.float32)
-        variance = h.pow(2).mean(-1, keepdim=True) * (zh.numel() / kept)  # dropped dims are 0: mean over kept dims only (exact at all-ones)
-        y = module.weight * (h * torch.rsqrt(variance + module.variance_epsilon)).to(x.dtype)
+        x = args[0]
+        kept = (zh != 0).sum().clamp_min(1)
+        c = torch.sqrt(zh.numel() / kept.to(torch.float64)).to(x.dtype)
+        y = module.forward(x * c) / c.to(output.dtype)
         return y * zh.to(y.dtype)
     return hook
 
@@ -289,7 +297,7 @@ def _same_count(rows:list, what:str)->int:
 def shrink(
     model:LlamaForCausalLM, # the unpruned model (hooks may be attached: only its weights are read)
     gates:dict, # {mask name: gates} as `PruningMasks.deterministic()`; a missing mask keeps everything
-)->LlamaForCausalLM: # a fresh dense model of the pruned shape, eval mode, the source's dtype
+)->LlamaForCausalLM: # a fresh dense model of the pruned shape, eval mode, the source's dtype (float64 stays float64)
     "Fold the gates once into the weights and slice the pruned units away (Xia et al. 2024, §2.1); loaded with `strict=True`."
     cfg = model.config; _check_source(cfg)
     L, H, G, F, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.hidden_size
@@ -344,8 +352,8 @@ def shrink(
     # tied: the scaled embedding is also the LM head and already carries `hidden` -> the final norm must not (fold once)
     sd["model.norm.weight"] = fold(src.norm.weight[:, None], rows=hid, row_scale=None if tied else zh)[:, 0]
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"] if tied else fold(model.lm_head.weight, cols=hid)
-    new = LlamaForCausalLM(new_cfg)
-    new.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
+    new = LlamaForCausalLM(new_cfg).to(dtype=ref.dtype)  # the source's dtype: folded in float64, rounded once to it
+    new.load_state_dict({k: v.to(ref.dtype) for k, v in sd.items()}, strict=True)
     if tied and new.lm_head.weight.data_ptr() != new.model.embed_tokens.weight.data_ptr():
         raise RuntimeError("shrink: tied embeddings came apart after loading")
     new.generation_config = copy.deepcopy(model.generation_config)
@@ -457,6 +465,7 @@ class PruneConfig:
     eval_tokens_per_domain: int = field(default=1_024, metadata={"help": "held-out tokens per domain for bits per byte"})
     task_docs_per_domain: int = field(default=8, metadata={"help": "offline-task documents per domain and task (stlm_nb.eval); 0 skips them"})
     seed: int = field(default=0, metadata={"help": "seed of masks' sampling, data order and the baseline's initialisation"})
+    precision: str = field(default="auto", metadata={"help": "'auto' ($STLM_NB_PRECISION, else fp32 on CPU / bf16 on CUDA), 'fp32' or 'bf16' (stlm_nb.runs.resolve_precision)"})
     out_dir: str = field(default="runs/prune", metadata={"help": "where models, metrics.json and figures go"})
     overwrite: bool = field(default=False, metadata={"help": "replace a completed run in out_dir"})
     smoke: bool = field(default=False, metadata={"help": "shrink everything to seconds (tests)"})
@@ -471,6 +480,7 @@ class PruneConfig:
             if not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v): bad(name, "must be a finite number > 0")
         if not 0.0 <= self.target_warmup_ratio <= 1.0: bad("target_warmup_ratio", "must be in [0, 1]")
         if not 0.0 <= self.alpha <= 1.0: bad("alpha", "must be in [0, 1]")
+        if str(self.precision).strip().lower() not in PRECISIONS: bad("precision", f"accepted: {', '.join(map(repr, PRECISIONS))}")
         if self.smoke:  # seconds: fields left at their defaults shrink; explicit values win
             small = dict(prune_steps=3, prune_batch_size=2, cpt_steps=2, batch_size=4, task_docs_per_domain=1,
                          hidden_size=144, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3, intermediate_size=96)
@@ -481,11 +491,11 @@ class PruneConfig:
     def target(self)->TargetShape: return TargetShape(*(getattr(self, f) for f in SHAPE_FIELDS))
 
 # %% ../nbs/08_pruning.ipynb #4e53e813
-def _teacher_caches(dconfig, data, tokenizer, device:str="cpu"):
+def _teacher_caches(dconfig, data, tokenizer, dtype:torch.dtype, device:str="cpu"):
     "The source's top-k caches of the train and validation blocks, with the keys `run_distillation` uses (so they are shared)."
-    from stlm_nb.cache import TeacherCache, build_teacher_cache, cache_key, fastest_inference_dtype, fingerprint_blocks, key_hash
+    from stlm_nb.cache import build_teacher_cache, cache_key, fingerprint_blocks, key_hash
     from stlm_nb.models import cache_dir, load_teacher
-    name = dconfig.teachers[0]; dtype = fastest_inference_dtype(device); caches, model = {}, None
+    name = dconfig.teachers[0]; caches, model = {}, None
     for split in ("train", "validation"):
         ids = np.array(data[split]["input_ids"])
         key = cache_key(name, name, fingerprint_blocks(ids), dconfig.block_size, dconfig.top_k, (1.0,), str(dtype))
@@ -509,26 +519,27 @@ def run_pruning(
     "Prune `config.source` to `config.target`, shrink, continue pre-training, train the same shape from scratch, evaluate all."
     import resource
     from stlm_nb.models import load_teacher, load_teacher_tokenizer
-    from stlm_nb.trainer import (DistillConfig, _bf16, _matmul_params, _to_json, _versions, collate_blocks, evaluate_blocks,
-                                 per_domain_bpb, prepare_data)
+    from stlm_nb.trainer import DistillConfig, collate_blocks, evaluate_blocks, per_domain_bpb, prepare_data
     t_start = time.time(); timings = {}
     out = Path(config.out_dir)
-    if (out / "metrics.json").exists() and not config.overwrite:
-        raise ValueError(f"out_dir={str(out)!r} already holds a completed run (metrics.json); pass overwrite=True or choose another out_dir")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(config.precision, device)  # the source's cache in precision.teacher_dtype; autocast per student_autocast
     from transformers import AutoConfig
     from stlm_nb.models import _resolve
     config.target.check(AutoConfig.from_pretrained(_resolve(config.source)))  # fail before any work
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out, dataclasses.asdict(config), overwrite=config.overwrite)  # refuses a finished run unless overwrite
+    print(precision)
     dconfig = DistillConfig(teachers=[config.source], train_tokens=config.train_tokens, eval_tokens_per_domain=config.eval_tokens_per_domain,
                             block_size=config.block_size, top_k=config.top_k, smoke=config.smoke)  # same data (and cache keys) as run_distillation
     tokenizer = load_teacher_tokenizer(config.source)
-    t0 = time.time(); data = prepare_data(dconfig, tokenizer); caches = _teacher_caches(dconfig, data, tokenizer); timings["data_and_cache_s"] = time.time() - t0
+    t0 = time.time(); data = prepare_data(dconfig, tokenizer)
+    caches = _teacher_caches(dconfig, data, tokenizer, precision.teacher_dtype, device); timings["data_and_cache_s"] = time.time() - t0
     val, stats = data["validation"], data["stats"]
     lp = caches["validation"].target_logprob().numpy(); doms = np.array(val["domain"]); sums = {}
     for d in sorted(set(doms)):
         v = lp[doms == d].astype(np.float64); v = v[~np.isnan(v)]; sums[d] = {"nll": float(-v.sum()), "tokens": int(v.size)}
     evals = {"source": per_domain_bpb(sums, stats)}  # the source model's held-out loss, from its cached target log-probs
-    bf16 = _bf16(dconfig, "cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = precision.student_autocast
     kd = dict(teacher_caches=[caches["train"]], alpha=config.alpha, temperature=1.0, kind="fkl", data_collator=collate_blocks)
 
     # 1. masks on the source model (pruning + distillation from its own cached outputs)
@@ -544,12 +555,13 @@ def run_pruning(
                              mask_learning_rate=config.mask_learning_rate, lambda_learning_rate=config.lambda_learning_rate, **kd)
     t0 = time.time(); trainer.train(); timings["prune_s"] = time.time() - t0
     prune_history, final_state = trainer.state.log_history, trainer.pruning_state()
-    # 2. final masks -> a dense model; check it against the masked model on held-out blocks
-    model.eval(); small = prune_model(model, masks); final_gates = masks.deterministic()
-    ids = torch.tensor(val["input_ids"][:8])
-    with torch.no_grad(): masked, shrunk = model(input_ids=ids).logits, small(input_ids=ids).logits
+    # 2. final masks -> a dense model; check it against the masked model on held-out blocks, both in float32 and without
+    #    the Trainer's autocast wrapper (whatever precision pruning trained in: the check is about the folding, not bf16)
+    model = unwrap_model(trainer.model).eval(); small = prune_model(model, masks).float(); final_gates = masks.deterministic()
+    ids = torch.tensor(val["input_ids"][:8], device=next(model.parameters()).device)
+    with torch.no_grad(): masked, shrunk = model(input_ids=ids).logits.float(), small(input_ids=ids).logits.float()
     max_logit_diff = (masked - shrunk).abs().max().item(); logit_scale = masked.abs().max().item()
-    hooks.remove(); source_matmul = _matmul_params(model); del model, trainer, masked
+    hooks.remove(); source_matmul = matmul_parameters(model); del model, trainer, masked
     small.save_pretrained(out / "pruned"); tokenizer.save_pretrained(out / "pruned")
     evals["pruned"] = evaluate_blocks(small, val, stats, batch_size=8)
 
@@ -567,7 +579,7 @@ def run_pruning(
                                                      eval_steps=steps if config.smoke else max(1, steps // 2), warmup_steps=0.05),
                                  train_dataset=data["train"], eval_dataset=val, **kd)
         t0 = time.time(); tr.train(); timings[f"{arm}_s"] = time.time() - t0
-        m = m.float().eval(); histories[arm] = tr.state.log_history; models[arm] = m
+        m = unwrap_model(tr.model).eval(); histories[arm] = tr.state.log_history; models[arm] = m  # float32, no autocast wrapper
         m.save_pretrained(out / arm / "final"); tokenizer.save_pretrained(out / arm / "final")
         evals[arm] = evaluate_blocks(m, val, stats, batch_size=8)
 
@@ -586,7 +598,7 @@ def run_pruning(
     small_params = count_parameters(models["scratch"])
     metrics = {
         "config": dataclasses.asdict(config), "data_config": {k: getattr(dconfig, k) for k in ("train_tokens", "eval_tokens_per_domain", "block_size", "top_k")},
-        "versions": _versions(), "bf16_autocast": bf16,
+        "versions": versions(), "precision": precision.as_dict(),
         "shapes": {"source": dataclasses.asdict(TargetShape.of(masks.config)), "target": dataclasses.asdict(config.target),
                    "pruned": dataclasses.asdict(TargetShape.of(small.config)), "head_dim": _head_dim(small.config)},
         "parameters": {"source": source_params, "pruned": count_parameters(small), "scratch": small_params,
@@ -594,10 +606,10 @@ def run_pruning(
         "masks": {"names": masks.names, "final_state": final_state,
                   "kept_layers": _kept(final_gates["layer"]).tolist() if "layer" in final_gates else list(range(masks.source.num_hidden_layers))},
         "max_abs_logit_diff_masked_vs_shrunk": max_logit_diff, "max_abs_logit": logit_scale,
-        "tokens": tokens, "flops": {"prune": 6 * source_matmul * tokens["prune"], "cpt": 6 * _matmul_params(small) * tokens["cpt"],
-                                    "scratch": 6 * _matmul_params(small) * tokens["scratch"]},
+        "tokens": tokens, "flops": {"prune": 6 * source_matmul * tokens["prune"], "cpt": 6 * matmul_parameters(small) * tokens["cpt"],
+                                    "scratch": 6 * matmul_parameters(small) * tokens["scratch"]},
         "eval": evals, "offline_tasks": tasks, "histories": {"prune": prune_history, **histories},
         "timings": {**timings, "total_s": time.time() - t_start}, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-    tmp = out / "metrics.json.tmp"; tmp.write_text(json.dumps(metrics, indent=1, default=_to_json)); os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     return metrics
