@@ -63,7 +63,7 @@ class DistillConfig:
     skew: float = field(default=0.1, metadata={"help": "skew KL lambda (sfkl/srkl only)"})
     t_squared: bool = field(default=True, metadata={"help": "multiply the KD term by T^2 (Hinton et al. 2015)"})
     hint_weight: float = field(default=0.0, metadata={"help": "weight of the hint (feature) loss |P h_s - h_t|^2 added to the objective (FitNets); needs teacher_mode online"})
-    hint_layers: str = field(default="uniform", metadata={"help": "'uniform' (student block i with teacher block i*(L_t//L_s)) or pairs 's:t,s:t' (hidden_states numbering, 0 is the embeddings)"})
+    hint_layers: str = field(default="uniform", metadata={"help": "'uniform' (raw student layer i with raw teacher layer round(i*L_t/L_s), last (normalised) state with last) or pairs 's:t,s:t' (hidden_states numbering, 0 is the embeddings; the last state pairs only with the last)"})
     # optimisation
     num_epochs: float = field(default=2.0, metadata={"help": "passes over the training tokens"})
     batch_size: int = field(default=8, metadata={"help": "blocks per device per micro-batch"})
@@ -108,10 +108,10 @@ class DistillConfig:
         if self.student not in STUDENT_PRESETS: bad("student", f"accepted: {', '.join(STUDENT_PRESETS)}")
         if self.lr_scheduler not in SCHEDULES: bad("lr_scheduler", f"accepted: {', '.join(SCHEDULES)}")
         if str(self.precision).lower() not in PRECISIONS: bad("precision", f"accepted: {', '.join(map(repr, PRECISIONS))}")
-        for name in ("learning_rate", "num_epochs"):
+        for name, low in (("learning_rate", "> 0"), ("num_epochs", ">= 0")):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0: bad(name, "must be a finite number >= 0")
-        if not self.learning_rate > 0: bad("learning_rate", "must be a finite number > 0")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (low == "> 0" and v == 0):
+                bad(name, f"must be a finite number {low}")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
             bad("max_steps", "must be a positive int, or -1 (from num_epochs)")
         if self.max_steps < 0 and not self.num_epochs > 0:
@@ -356,7 +356,7 @@ def check_run(
         tcfg = load_model_config(name, parameter="teachers")
         limit = getattr(tcfg, "max_position_embeddings", None) or getattr(tcfg, "n_positions", None)
         if limit is not None and config.block_size > limit:
-            raise ValueError(f"block_size={config.block_size}: longer than teacher {name!r}'s context "
+            raise ValueError(f"block_size={config.block_size}: longer than the context of teacher {name!r} "
                              f"(max_position_embeddings={limit}); accepted: 2..{limit}")
     D.check_block_size(config.block_size, student_config(config.student, vocab_size=vocab))
     if config.corpus is not None:  # every corpus file scanned (file and line of the first bad record)
