@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from .losses import distillation_loss, universal_logit_distillation_loss
+from .runs import Precision, resolve_precision, unwrap_model
 from .trainer import DistillationTrainer
 
 # %% auto #0
@@ -119,14 +120,15 @@ def _check_architecture(model)->tuple[nn.Embedding, nn.Linear]:
     return emb, head
 
 def _new_rows(old:torch.Tensor, pieces:list[list[int]], init:str, generator:torch.Generator, std:float=0.02)->torch.Tensor:
-    "(V_s, d) rows: mean of the pieces' rows (spelled) or N(0, std^2) (random); no pieces -> mean row."
-    old = old.detach().float()
-    if init == "random":
-        return torch.randn(len(pieces), old.shape[1], generator=generator) * std
-    flat = torch.tensor([j for p in pieces for j in p], dtype=torch.long)
-    owner = torch.tensor([i for i, p in enumerate(pieces) for _ in p], dtype=torch.long)
-    sums = torch.zeros(len(pieces), old.shape[1]).index_add_(0, owner, old[flat])
-    counts = torch.bincount(owner, minlength=len(pieces)).float()
+    "(V_s, d) rows: mean of the pieces' rows (spelled, summed in float64) or N(0, std^2) (random); no pieces -> mean row."
+    old = old.detach()
+    if init == "random":  # drawn in float32 (float64 for a float64 teacher): the same rows for fp32 and bf16 teachers
+        return torch.randn(len(pieces), old.shape[1], generator=generator, dtype=torch.promote_types(old.dtype, torch.float32)) * std
+    old = old.to(torch.float64)  # the mean in float64, rounded once to the teacher's dtype by the caller (exact for float64 teachers)
+    flat = torch.tensor([j for p in pieces for j in p], dtype=torch.long, device=old.device)
+    owner = torch.tensor([i for i, p in enumerate(pieces) for _ in p], dtype=torch.long, device=old.device)
+    sums = torch.zeros(len(pieces), old.shape[1], dtype=torch.float64, device=old.device).index_add_(0, owner, old[flat])
+    counts = torch.bincount(owner, minlength=len(pieces)).to(torch.float64)
     out = sums / counts.clamp_min(1)[:, None]
     out[counts == 0] = old.mean(0)
     return out
@@ -137,9 +139,10 @@ def adapt_vocabulary(
     student_tokenizer, # the tokenizer the adapted teacher will use
     init:str="spelled", # "spelled" (mean of the teacher rows that spell each token) or "random"
     seed:int=0, # seed of the random initialisation
-)->PreTrainedModel: # same class as the teacher, vocab len(student_tokenizer), only embedding + head trainable
+)->PreTrainedModel: # same class and dtype as the teacher, vocab len(student_tokenizer), only embedding + head trainable
     """The teacher with a new input embedding and LM head of the student's vocabulary, blocks frozen (STLM-KD §2.4.1).
-    Spelled initialisation: mean of the teacher's rows of the pieces that spell the token (tokenizer transplant).
+    Spelled initialisation: mean of the teacher's rows of the pieces that spell the token (tokenizer transplant),
+    computed in float64 and rounded once to the teacher's dtype (a float64 teacher's rows are the exact means).
     Raises ValueError for an unknown `init`, a teacher tokenizer larger than the embedding, or an architecture
     without standard `get_input_embeddings()` (nn.Embedding) / `get_output_embeddings()` (nn.Linear)."""
     if init not in INITS: raise ValueError(f"init={init!r}; accepted: {', '.join(map(repr, INITS))}")
@@ -155,7 +158,7 @@ def adapt_vocabulary(
     new_out = None if tied else _new_rows(head.weight, pieces, init, g, std)
     new_bias = None
     if head.bias is not None:
-        new_bias = torch.zeros(len(pieces)) if init == "random" else _new_rows(head.bias.detach()[:, None], pieces, init, g)[:, 0]
+        new_bias = torch.zeros(len(pieces), dtype=head.bias.dtype) if init == "random" else _new_rows(head.bias.detach()[:, None], pieces, init, g)[:, 0]
     model = copy.deepcopy(teacher)
     model.resize_token_embeddings(len(student_tokenizer), mean_resizing=False)
     emb2, head2 = _check_architecture(model)
@@ -198,11 +201,17 @@ def adapt_teacher_vocabulary(
     eval_steps:int=10,
     logging_steps:int=5,
     seed:int=0, # initialisation and data-order seed
-)->tuple[PreTrainedModel, list[dict]]: # (adapted teacher in eval mode, Trainer log history incl. step-0 eval)
+    precision:str|Precision="auto", # `stlm_nb.runs.resolve_precision`: "bf16" trains with bf16 autocast (float32 teacher required)
+)->tuple[PreTrainedModel, list[dict]]: # (adapted teacher in eval mode, its dtype, no autocast wrapper; Trainer log history incl. step-0 eval)
     "Adapt the teacher to the student's vocabulary and train the new embedding and LM head with CE (STLM-KD §2.4.1)."
     for name, v in (("max_steps", max_steps), ("batch_size", batch_size), ("eval_steps", eval_steps), ("logging_steps", logging_steps)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name}={v!r}; accepted: an int >= 1")
     if not learning_rate > 0: raise ValueError(f"learning_rate={learning_rate!r}; accepted: a number > 0")
+    if not isinstance(precision, Precision): precision = resolve_precision(precision)
+    dtype = next(teacher.parameters()).dtype
+    if precision.student_autocast and dtype != torch.float32:
+        raise ValueError(f"precision={precision.name!r} trains with bf16 autocast on float32 weights, but the teacher is {dtype}: "
+                         "load it with dtype=torch.float32, or pass precision='fp32'")
     model = adapt_vocabulary(teacher, teacher_tokenizer, student_tokenizer, init=init, seed=seed)
     model.train()
     args = TrainingArguments(
@@ -210,12 +219,14 @@ def adapt_teacher_vocabulary(
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.0,
         logging_steps=logging_steps, eval_strategy="steps" if eval_dataset is not None else "no", eval_steps=eval_steps,
         save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed, data_seed=seed + 1,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(), prediction_loss_only=True)
+        bf16=precision.student_autocast, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(),
+        prediction_loss_only=True)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collate_lm_blocks)
     history = []
     if eval_dataset is not None: history.append({**trainer.evaluate(), "step": 0})
     trainer.train()
     history += trainer.state.log_history
+    if precision.student_autocast: model = unwrap_model(trainer.model)  # float32 weights; the autocast wrapper removed
     model.eval().requires_grad_(False)
     return model, history
 
@@ -281,3 +292,8 @@ class ULDTrainer(DistillationTrainer):
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {loss.item()} at step {self.state.global_step}; stopping")
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs:dict, *args, **kwargs):
+        if "loss" in logs and "uld" in self._parts:  # the ULD part since the last log, per optimiser step (this process)
+            v = self._parts.pop("uld"); logs["train_uld"] = sum(v) / max(1, len(v) / self.args.gradient_accumulation_steps)
+        super().log(logs, *args, **kwargs)

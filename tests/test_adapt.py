@@ -60,13 +60,14 @@ def test_adapt_teacher_notebook_smoke(tmp_path):
                         parameters={"smoke": True, "out_dir": str(out)}, cwd=str(ROOT), progress_bar=False)
     m = json.loads((out / "metrics.json").read_text())
     assert m["params"]["smoke"] is True and m["params"]["inits"] == ["spelled", "random"]
+    assert m["precision"]["name"] in ("fp32", "bf16") and "torch" in m["versions"]
     assert set(m["bpb"]) == {"original", "adapted-spelled", "adapted-random"}
     assert 0.3 < m["bpb"]["original"]["all"]["bpb"] < 3.0                          # the packaged teacher on held-out text
     # spelled starts far closer to the teacher than random (most rows are copies of the teacher's own)
     first = {i: next(h["eval_loss"] for h in m["histories"][i] if "eval_loss" in h) for i in ("spelled", "random")}
     assert first["spelled"] < first["random"]
     for name in ("adaptation_curves", "bpb_per_domain", "offline_tasks"):
-        assert (out / f"{name}.html").stat().st_size > 100_000
+        assert 1_000 < (out / f"{name}.html").stat().st_size < 100_000 and (out / "plotly.min.js").exists()  # shared plotly.js
     assert (out / "verdict.txt").read_text().startswith("After 2 steps")
 
 
@@ -77,3 +78,18 @@ def test_adapt_teacher_notebook_bad_parameters_fail_early(tmp_path, param, value
                             parameters={"smoke": True, "out_dir": str(tmp_path / "run"), param: value}, cwd=str(ROOT), progress_bar=False)
     assert message in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value,message", [("false", "already holds a completed run"),  # the string papermill's `-p overwrite false` gives
+                                           ("maybe", "overwrite='maybe': accepted: true or false")])
+def test_adapt_teacher_notebook_overwrite_parsed_strictly(tmp_path, value, message):
+    "`-p overwrite false` must not replace a finished run (bool('false') is True); an unparseable value is refused by name."
+    out = tmp_path / "run"; out.mkdir()
+    (out / "run_config.json").write_text("{}"); (out / "metrics.json").write_text('{"finished": true}')
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(ROOT / "nbs" / "adapt_teacher.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(ROOT), progress_bar=False,
+                            parameters={"smoke": True, "out_dir": str(out), "overwrite": value})
+    assert message in str(e.value)
+    assert e.value.exec_count <= 3  # parameters, injected parameters, validation: no tokenizer trained, no model loaded
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
