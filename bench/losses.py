@@ -71,7 +71,8 @@ def worker(n: int, vocab: int, teacher_format: str, method: str) -> dict:
         parts = [SparseTeacherLogits.from_dense(2 * torch.randn(min(256, n - i), vocab), k=TOP_K, temperatures=(TEMPERATURE,))
                  for i in range(0, n, 256)]
         teacher = SparseTeacherLogits(torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]),
-                                      {TEMPERATURE: torch.cat([p.log_normalizers[TEMPERATURE] for p in parts])})
+                                      {TEMPERATURE: torch.cat([p.log_normalizers[TEMPERATURE] for p in parts])},
+                                      {TEMPERATURE: torch.cat([p.log_tails[TEMPERATURE] for p in parts])})  # exact tails (cache format 3)
         del parts
 
     def step(rows=n):
