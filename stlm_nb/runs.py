@@ -79,11 +79,12 @@ def resolve_precision(
 # %% ../nbs/11_runs.ipynb #d9ed4c83
 def unwrap_model(
     model:torch.nn.Module, # possibly wrapped by accelerate / DDP, possibly with an autocast `forward`
-)->torch.nn.Module: # the bare model, float32 parameters, plain `forward`
-    "The bare model in float32, without DDP or accelerate's autocast wrapper (for evaluation and equivalence checks)."
+)->torch.nn.Module: # the bare model, plain `forward`; bf16/fp16 parameters cast to float32, float32/float64 kept
+    "The bare model without DDP or accelerate's autocast wrapper, at least float32 (for evaluation and equivalence checks)."
     from accelerate.utils import extract_model_from_parallel
     model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
-    return model.float()
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()): model = model.float()
+    return model
 
 # %% ../nbs/11_runs.ipynb #6c351d92
 TRUE_STRINGS, FALSE_STRINGS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")

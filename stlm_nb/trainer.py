@@ -273,21 +273,13 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs:dict, *args, **kwargs):
-        if "loss" in logs:  # the training parts since the last log: summed over micro-batches and ranks, per step
-            ga = self.args.gradient_accumulation_steps
-            names = [k for k in ("ce", "kd", "hint") if k in self._parts]
-            if self.accelerator.num_processes > 1:  # each rank's parts are its share of the global mean: sum them
-                sums = torch.tensor([sum(self._parts.get(k, [])) for k in ("ce", "kd", "hint")] + [len(self._parts.get("ce", []))],
-                                    dtype=torch.float64, device=self.accelerator.device)
-                sums = self.accelerator.reduce(sums, reduction="sum")
-                present = torch.tensor([k in self._parts for k in ("ce", "kd", "hint")], device=self.accelerator.device)
-                present = self.accelerator.reduce(present.long(), reduction="sum") > 0
-                names = [k for k, on in zip(("ce", "kd", "hint"), present.tolist()) if on]
-                steps = max(1.0, float(sums[3]) / self.accelerator.num_processes / ga)
-                for i, k in enumerate(("ce", "kd", "hint")):
-                    if k in names: logs[f"train_{k}"] = float(sums[i]) / steps
-            else:
-                for k in names: logs[f"train_{k}"] = sum(self._parts[k]) / max(1, len(self._parts[k]) / ga)
+        if "loss" in logs and self._parts:  # the loss parts since the last log: summed over micro-batches and ranks, per step
+            ga, names = self.args.gradient_accumulation_steps, sorted(self._parts)  # every rank runs the same code: same names
+            sums = torch.tensor([sum(self._parts[k]) for k in names] + [len(self._parts[names[0]])], dtype=torch.float64)
+            if self.accelerator.num_processes > 1:  # each rank's parts are its share of the global mean: add them up
+                sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
+            steps = max(1.0, float(sums[-1]) / self.accelerator.num_processes / ga)
+            for i, k in enumerate(names): logs[f"train_{k}"] = float(sums[i]) / steps
             self._parts = {}
         super().log(logs, *args, **kwargs)
 
