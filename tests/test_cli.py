@@ -55,3 +55,38 @@ def test_cli_ddp_two_processes_match_one(tmp_path, env):
     assert ddp["tokens_seen"] == one["tokens_seen"]     # same global batch: 2 ranks x 4 = 1 x 8
     # same init and global batch size; the samplers order the blocks differently, so equal within tolerance
     assert abs(ddp["eval"]["all"]["nll"] - one["eval"]["all"]["nll"]) / one["eval"]["all"]["nll"] < 0.02
+    # logged parts are global, not rank-local: loss = alpha*train_ce + (1-alpha)*train_kd at every logged step (T = 1)
+    logged = [h for h in ddp["log_history"] if "loss" in h and "train_ce" in h]
+    assert len(logged) == 6
+    for h in logged:
+        assert abs(h["loss"] - (0.5 * h["train_ce"] + 0.5 * h["train_kd"])) < 2e-3 * h["loss"], h
+    # eval_loss is the held-out mean CE, not divided by the world size
+    ev_ddp = [h["eval_loss"] for h in ddp["log_history"] if "eval_loss" in h]
+    ev_one = [h["eval_loss"] for h in one["log_history"] if "eval_loss" in h]
+    assert ev_ddp and abs(ev_ddp[-1] - ev_one[-1]) / ev_one[-1] < 0.02
+
+
+def test_cli_ddp_online_teacher(tmp_path, env):
+    "An online teacher under DDP: rank 0 builds the held-out cache (fresh cache dir), the other rank waits and opens it."
+    env = dict(env, OMP_NUM_THREADS="1", STLM_NB_CACHE=str(tmp_path / "cache"))
+    teachers = tmp_path / "cache" / "teachers"; teachers.parent.mkdir()
+    src = __import__("stlm_nb.models", fromlist=["cache_dir"]).cache_dir() / "teachers"
+    teachers.symlink_to(src)  # the converted teacher is reused; the teacher caches start empty
+    r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29534", "-m", "stlm_nb.trainer",
+                        "--smoke", "true", "--out_dir", str(tmp_path / "run"), "--batch_size", "4", "--max_steps", "2",
+                        "--baseline", "false", "--teacher_mode", "online", "--eval_tasks_per_domain", "0"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert not list((tmp_path / "cache" / "teacher_cache").glob("*.partial"))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["runs"]["kd-seed0"]["eval"]["all"]["nll"] > 0
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, env):
+    r = subprocess.run(_cmd(tmp_path / "run", "--alpha", "2"), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("stlm-distill: error: alpha=2.0: must be in [0, 1]") and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = subprocess.run(_cmd(tmp_path / "run", "--alpha", "2", "--debug"), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr
