@@ -364,7 +364,7 @@ def kd_loss_sum_count(
     chunk_size:int|None=None, # None: plain; n: chunked over n positions at a time (same values and gradients, less memory)
 )->tuple: # (sum over counted positions: float32 scalar, count: int64 scalar)
     """Sum of the per-position KD divergence over counted positions, and their count, for normalising by a global
-    count under gradient accumulation or DDP (REFERENCE §1). Divergences as in `divergence`; sparse teachers over
+    count under gradient accumulation or DDP (nbs/reference.ipynb §1). Divergences as in `divergence`; sparse teachers over
     k+1 categories. Raises ValueError for bad `kind`/`temperature`/`beta`/`skew`, mismatched shapes or vocabularies."""
     _check_kd_args(kind, temperature, beta, skew)
     teachers, weights, rows, count = _prepare(student_logits.shape[:-1], student_logits.shape[-1], teacher, mask, vocab_size, teacher_weights)
