@@ -6,9 +6,7 @@
 from __future__ import annotations
 import copy
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+from transformers import LlamaForCausalLM, Trainer
 
 from .models import count_parameters
 from .runs import PRECISIONS, matmul_parameters, prepare_out_dir, resolve_precision, unwrap_model, versions, write_json
@@ -300,7 +298,7 @@ def shrink(
 )->LlamaForCausalLM: # a fresh dense model of the pruned shape, eval mode, the source's dtype (float64 stays float64)
     "Fold the gates once into the weights and slice the pruned units away (Xia et al. 2024, §2.1); loaded with `strict=True`."
     cfg = model.config; _check_source(cfg)
-    L, H, G, F, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.hidden_size
+    H, G = cfg.num_attention_heads, cfg.num_key_value_heads
     hd, q = _head_dim(cfg), H // G
     shapes = _mask_shapes(cfg)
     ref = model.model.embed_tokens.weight

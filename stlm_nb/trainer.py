@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from . import data as D
 from .eval import evaluate as evaluate_tasks, offline_tasks
 from .cache import TeacherCache, build_teacher_cache, cache_key, fingerprint_blocks, key_hash
-from .losses import (KD_KINDS, HintProjector, SparseTeacherLogits, distillation_loss, hint_loss, kd_loss_sum_count,
+from .losses import (KD_KINDS, HintProjector, distillation_loss, hint_loss, kd_loss_sum_count,
                             uniform_layer_map)
 from .models import (STUDENT_PRESETS, cache_dir, count_parameters, load_model_config, load_teacher,
                             load_teacher_tokenizer, make_student, student_config)
