@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from . import data as D
 
 # %% auto #0
-__all__ = ['HUB_BENCHMARKS', 'LINE_DOMAINS', 'TASKS_VERSION', 'prefix_token_id', 'encode_pair', 'Loglikelihood', 'loglikelihood',
-           'evaluate_multiple_choice', 'evaluate_minimal_pairs', 'heldout_documents', 'bits_per_byte',
-           'teacher_agreement', 'load_benchmark_rows', 'hellaswag_preprocess', 'load_blimp', 'load_hellaswag',
-           'load_arc_easy', 'load_winogrande', 'load_mmlu', 'sentence_units', 'corrupt_sentence', 'build_offline_tasks',
-           'offline_tasks', 'evaluate', 'accuracy_figure', 'parallel_coordinates_figure']
+__all__ = ['HUB_BENCHMARKS', 'LINE_DOMAINS', 'TASKS_VERSION', 'TASKS_PER_DOMAIN', 'prefix_token_id', 'encode_pair',
+           'Loglikelihood', 'loglikelihood', 'evaluate_multiple_choice', 'evaluate_minimal_pairs', 'heldout_documents',
+           'bits_per_byte', 'teacher_agreement', 'load_benchmark_rows', 'hellaswag_preprocess', 'load_blimp',
+           'load_hellaswag', 'load_arc_easy', 'load_winogrande', 'load_mmlu', 'sentence_units', 'corrupt_sentence',
+           'build_offline_tasks', 'offline_tasks', 'resolvable_difference', 'evaluate', 'accuracy_figure',
+           'parallel_coordinates_figure', 'untrained_floor', 'with_floor']
 
 # %% ../nbs/06_eval.ipynb #ff889d6f
 def prefix_token_id(tokenizer)->int:
@@ -73,13 +74,26 @@ def _add_bos(model, add_bos_token:bool|None)->bool:
 def _max_length(model)->int:
     return int(getattr(model.config, "max_position_embeddings", None) or 2048)
 
-def _logits(model, ids:torch.Tensor, mask:torch.Tensor)->torch.Tensor:
-    "Log-softmax over the vocabulary in float32 (float64 when the model is float64)."
-    out = model(input_ids=ids, attention_mask=mask).logits
+def _accepts_logits_to_keep(model)->bool:
+    "Whether `model.forward` takes `logits_to_keep` (transformers' causal LMs do; it then accepts a boolean [B, T] mask)."
+    import inspect
+    try: return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError): return False
+
+def _kept_logprobs(model, ids:torch.Tensor, mask:torch.Tensor, keep:torch.Tensor, all_logits:bool=False)->torch.Tensor:
+    """Log-softmax (float32; float64 for a float64 model) at the positions where `keep` [B, T] is True, flattened in
+    row-major order to [keep.sum(), V]. The LM head runs only there (`logits_to_keep=keep`) unless `all_logits`."""
+    if not all_logits and _accepts_logits_to_keep(model):
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        if out.ndim == 3 and out.shape[:2] == keep.shape: out = out[keep]  # a model that ignored the mask
+    else: out = model(input_ids=ids, attention_mask=mask).logits[keep]
+    if out.ndim != 2 or out.shape[0] != int(keep.sum()):
+        raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(out.shape)} for {int(keep.sum())} kept positions; pass all_logits=True")
     return F.log_softmax(out if out.dtype == torch.float64 else out.float(), dim=-1)
 
 @torch.no_grad()
-def _score_sequences(model, seqs:list[list[int]], n_cont:list[int], batch_size:int, pad_id:int, progress:bool, desc:str):
+def _score_sequences(model, seqs:list[list[int]], n_cont:list[int], batch_size:int, pad_id:int, progress:bool, desc:str,
+                     all_logits:bool=False):
     "(summed log-prob, is_greedy) of the last n_cont[i] tokens of each seqs[i] (which includes them); longest first."
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out = [None] * len(seqs)
@@ -89,14 +103,18 @@ def _score_sequences(model, seqs:list[list[int]], n_cont:list[int], batch_size:i
         width = len(seqs[idx[0]]) - 1
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
+        keep = torch.zeros((len(idx), width), dtype=torch.bool)  # the positions that predict a continuation token
+        tgt = []
         for r, i in enumerate(idx):
-            inp = seqs[i][:-1]; ids[r, :len(inp)] = torch.tensor(inp); mask[r, :len(inp)] = 1
-        lp = _logits(model, ids.to(device), mask.to(device))
-        for r, i in enumerate(idx):
-            L, n = len(seqs[i]) - 1, n_cont[i]
-            tgt = torch.tensor(seqs[i][-n:], device=device)
-            rows = lp[r, L - n:L]
-            out[i] = (rows.gather(-1, tgt[:, None]).sum().item(), bool((rows.argmax(-1) == tgt).all()))
+            inp = seqs[i][:-1]; L, n = len(inp), n_cont[i]
+            ids[r, :L] = torch.tensor(inp); mask[r, :L] = 1; keep[r, L - n:L] = True; tgt += seqs[i][-n:]
+        lp = _kept_logprobs(model, ids.to(device), mask.to(device), keep.to(device), all_logits)
+        tgt = torch.tensor(tgt, device=lp.device)
+        tok_lp, hit = lp.gather(-1, tgt[:, None])[:, 0].double().cpu(), (lp.argmax(-1) == tgt).cpu()
+        start = 0
+        for i in idx:
+            n = n_cont[i]
+            out[i] = (tok_lp[start:start + n].sum().item(), bool(hit[start:start + n].all())); start += n
     return out
 
 def loglikelihood(
@@ -107,6 +125,7 @@ def loglikelihood(
     max_length:int|None=None, # context window; default `model.config.max_position_embeddings`
     progress:bool=False, # tqdm bar
     add_bos_token:bool|None=None, # BOS before non-empty contexts; None: as the harness (True for Gemma models only)
+    all_logits:bool=False, # compute the LM head at every position (the slower reference path; same log-probs)
 )->list[Loglikelihood]: # one per request, in order
     """Summed log-probability (nats) of each continuation given its context, its token count and its length in
     characters and UTF-8 bytes — lm-evaluation-harness's `loglikelihood` for causal LMs, batched. ValueError for
@@ -119,7 +138,7 @@ def loglikelihood(
         c, k = encode_pair(tokenizer, ctx, cont, add_bos_token=_add_bos(model, add_bos_token))
         seqs.append((c + k)[-(max_length + 1):]); n_cont.append(min(len(k), max_length))
     was = model.training; model.eval()
-    try: scores = _score_sequences(model, seqs, n_cont, batch_size, prefix_token_id(tokenizer), progress, "loglikelihood")
+    try: scores = _score_sequences(model, seqs, n_cont, batch_size, prefix_token_id(tokenizer), progress, "loglikelihood", all_logits)
     finally: model.train(was)
     return [Loglikelihood(lp, g, n, len(cont), len(cont.encode("utf-8"))) for (lp, g), n, (_, cont) in zip(scores, n_cont, requests)]
 
@@ -427,12 +446,13 @@ def _rng(seed:int, *keys)->np.random.Generator:
     return np.random.default_rng([seed, h])
 
 # %% ../nbs/06_eval.ipynb #f40df0ae
-TASKS_VERSION = 1
+TASKS_VERSION = 2  # 2: the gold continuation's length rank is balanced; 64 items per domain by default
+TASKS_PER_DOMAIN = 64  # default items per task and domain: 9 domains -> 576 continuation items and 576 minimal pairs
 
 def build_offline_tasks(
     corpus=None, # corpus directory (None: the embedded sample)
     domains=None, # default: every domain of the corpus
-    n_per_domain:int=24, # items per task and domain (fewer when a domain has too few held-out sentences)
+    n_per_domain:int=TASKS_PER_DOMAIN, # items per task and domain (fewer when a domain has too few held-out sentences)
     seed:int=0,
 )->dict: # {"continuation": [docs], "minimal_pairs": [pairs]}
     "The offline tasks from held-out documents (validation + test splits), deterministic for (corpus, domains, n, seed)."
@@ -447,21 +467,24 @@ def build_offline_tasks(
         line = dom in LINE_DOMAINS
         rng = _rng(seed, "continuation", dom)
         cands = [(j, k) for j, (_, u) in enumerate(docs) for k in range(1, len(u))]
+        n_cont = 0
         for ci in rng.permutation(len(cands)):
-            if sum(x["domain"] == dom for x in cont) >= n_per_domain: break
+            if n_cont >= n_per_domain: break
             j, k = cands[ci]; units = docs[j][1]; true = units[k]
             pool = [u for jj, (_, us) in enumerate(docs) if jj != j for u in us if u != true]
             if len(docs) == 1: pool = [u for kk, u in enumerate(units) if abs(kk - k) > 10 and u != true]  # one document: far-away sentences
             pool = sorted(set(pool))
+            rank = n_cont % 4  # the gold's length rank: how many distractors are shorter (cycles 0, 1, 2, 3)
             close = [u for u in pool if 0.5 <= len(u) / len(true) <= 2.0]
-            src = close if len(close) >= 3 else pool
-            if len(src) < 3: continue
-            distract = [src[i] for i in rng.choice(len(src), 3, replace=False)]
+            shorter, longer = [u for u in close if len(u) < len(true)], [u for u in close if len(u) > len(true)]
+            if len(shorter) < rank or len(longer) < 3 - rank: continue
+            distract = ([shorter[i] for i in rng.choice(len(shorter), rank, replace=False)] +
+                        [longer[i] for i in rng.choice(len(longer), 3 - rank, replace=False)])
             choices = [true] + distract; order = rng.permutation(4)
             context = ("\n" if line else " ").join(units[max(0, k - 3):k])
-            cont.append({"id": f"{dom}-c{len([x for x in cont if x['domain'] == dom])}", "domain": dom, "context": context,
+            cont.append({"id": f"{dom}-c{n_cont}", "domain": dom, "context": context,
                          "choices": [choices[o] for o in order], "gold": int(np.flatnonzero(order == 0)[0]),
-                         "target_delimiter": "\n" if line else " ", "source": docs[j][0]})
+                         "target_delimiter": "\n" if line else " ", "source": docs[j][0]}); n_cont += 1
         rng = _rng(seed, "minimal_pairs", dom)
         sents = [(docs[j][0], u.strip()) for j in range(len(docs)) for u in docs[j][1]]
         n = 0
@@ -479,7 +502,7 @@ def _corpus_fingerprint(corpus, domains)->str:
     return h.hexdigest()[:16]
 
 def offline_tasks(
-    corpus=None, domains=None, n_per_domain:int=24, seed:int=0,
+    corpus=None, domains=None, n_per_domain:int=TASKS_PER_DOMAIN, seed:int=0,
     path=None, # directory: load the tasks saved there (checked against the parameters), or build and save them
 )->dict: # {"continuation": [...], "minimal_pairs": [...]}
     """Build (or load from `path`) the offline tasks. The directory holds `{task}.jsonl` and `meta.json` (parameters,
@@ -502,6 +525,23 @@ def offline_tasks(
             shutil.rmtree(tmp)
             if not (p / "meta.json").exists(): raise
     return tasks
+
+# %% ../nbs/06_eval.ipynb #9676a125
+def resolvable_difference(
+    n:int, # items scored (per model)
+    p:float=0.5, # the accuracy the difference is measured around (chance: 0.5 for pairs, 0.25 for a 4-way choice)
+    confidence:float=0.95, # two-sided confidence level
+    power:float|None=None, # None: the half-width of the interval; e.g. 0.8: the true difference found with that probability
+)->dict: # {"n", "p", "se", "vs_chance", "between_models"}, accuracy units
+    """The smallest accuracy difference resolvable with n items (normal approximation to the binomial): vs a fixed level
+    z·√(p(1−p)/n), between two models z·√(2p(1−p)/n). ValueError for n < 1 or p, confidence, power outside (0, 1)."""
+    from statistics import NormalDist
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"n={n!r}; accepted: an int >= 1")
+    for name, v in (("p", p), ("confidence", confidence)) + ((("power", power),) if power is not None else ()):
+        if not (isinstance(v, (int, float)) and 0 < v < 1): raise ValueError(f"{name}={v!r}; accepted: a number in (0, 1)")
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2) + (NormalDist().inv_cdf(power) if power is not None else 0.0)
+    se = math.sqrt(p * (1 - p) / n)
+    return {"n": int(n), "p": p, "se": se, "vs_chance": z * se, "between_models": z * se * math.sqrt(2)}
 
 # %% ../nbs/06_eval.ipynb #498ab8dd
 def evaluate(
@@ -567,3 +607,37 @@ def parallel_coordinates_figure(
     fig = go.Figure(go.Parcoords(line=dict(color=list(range(len(names))), colorscale="Viridis"), dimensions=dims))
     fig.update_layout(title=title, template="plotly_white", height=420, margin=dict(l=120, r=60))
     return fig
+
+# %% ../nbs/06_eval.ipynb #9f0cae47
+def untrained_floor(
+    preset, # a key of `stlm_nb.models.STUDENT_PRESETS`, or a model / `PretrainedConfig` whose architecture is re-initialised
+    tokenizer, # the tokenizer of the model whose scores the floor sits beside
+    suite="offline", # as for `evaluate`: the same items as the scores it is compared with
+    seed:int=0, # initialisation seed of the untrained model
+    batch_size:int=16,
+    progress:bool=False,
+    add_bos_token:bool|None=None,
+    **offline_kw, # passed to `offline_tasks` for suite="offline"
+)->pd.DataFrame: # `evaluate`'s table for the untrained model (columns task, domain, metric, value, chance, n)
+    "The untrained floor: an untrained model of the same preset (or config), seed `seed`, scored by `evaluate` on the same items."
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+    from stlm_nb.models import make_student
+    if isinstance(preset, str): model = make_student(preset, tokenizer=tokenizer, seed=seed)
+    else:
+        config = preset if isinstance(preset, PretrainedConfig) else getattr(preset, "config", None)
+        if not isinstance(config, PretrainedConfig):
+            raise ValueError(f"preset={type(preset).__name__}: accepted: a preset name (stlm_nb.models.STUDENT_PRESETS), a transformers model or its config")
+        torch.manual_seed(seed); model = AutoModelForCausalLM.from_config(config)
+    model = model.float().eval()
+    return evaluate(model, tokenizer, suite, batch_size=batch_size, progress=progress, add_bos_token=add_bos_token, **offline_kw)
+
+def with_floor(
+    table:pd.DataFrame, # `evaluate`'s table of a model
+    floor:pd.DataFrame, # `untrained_floor`'s table on the same items
+)->pd.DataFrame: # `table` with a column "floor" beside "value"
+    "The table with the untrained floor's value beside each row. ValueError when the two were not scored on the same items."
+    key = ["task", "domain", "metric"]
+    m = table.merge(floor[key + ["value", "n"]].rename(columns={"value": "floor", "n": "floor_n"}), on=key, how="left")
+    bad = m[m.floor.isna() | (m.floor_n != m.n)]
+    if len(bad): raise ValueError(f"floor does not match table on {len(bad)} rows (e.g. {bad.iloc[0][key].to_dict()}): score both on the same suite")
+    return m.drop(columns="floor_n")[["task", "domain", "metric", "value", "floor", "chance", "n"]]
