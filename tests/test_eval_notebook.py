@@ -1,6 +1,7 @@
 """The evaluation experiment notebook through papermill with its smoke parameters: a saved student is scored beside
-the packaged teacher and the untrained floor; tables, figures and metrics.json are written; a completed run is not
-overwritten."""
+the packaged teacher and the untrained floor; every task score carries its floor; tables, figures and metrics.json
+(with the precision record) are written; a completed run is not overwritten, also when papermill passes
+`overwrite` as the string "false"; a bad parameter fails before anything is loaded."""
 import json
 
 import papermill as pm
@@ -8,27 +9,76 @@ import pytest
 from conftest import ROOT
 from stlm_nb.models import load_teacher_tokenizer, make_student
 
+NB = str(ROOT / "nbs" / "eval_models.ipynb")
 
-@pytest.mark.slow  # scores the 135M teacher three times: ~2 min alone; kept out of `make test` for the 20-min CI budget (`pytest -m slow`)
-def test_eval_models_notebook_smoke(tmp_path):
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    "The kernel inherits it: tiny models gain nothing from threads, and on a busy shared CPU spinning threads cost 2-3x."
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _run(tmp_path, name, params):
+    return pm.execute_notebook(NB, str(tmp_path / f"{name}.ipynb"), parameters=params, cwd=str(ROOT), progress_bar=False)
+
+
+def _save(tmp_path, name, preset, seed):
     tok = load_teacher_tokenizer("smollm2-135m")
-    sdir = tmp_path / "student"
-    make_student("llama-tiny", tokenizer=tok, seed=3).save_pretrained(sdir); tok.save_pretrained(sdir)
-    out = tmp_path / "run"
-    params = {"smoke": True, "out_dir": str(out), "students": [str(sdir)], "student_names": ["tiny"]}
-    pm.execute_notebook(str(ROOT / "nbs" / "eval_models.ipynb"), str(tmp_path / "out.ipynb"), parameters=params,
-                        cwd=str(ROOT), progress_bar=False)
-    m = json.loads((out / "metrics.json").read_text())
-    assert list(m["models"]) == ["smollm2-135m", "tiny", "untrained llama-7m"]
-    teacher, tiny = m["models"]["smollm2-135m"], m["models"]["tiny"]
-    assert teacher["bits_per_byte"]["all"]["bpb"] < tiny["bits_per_byte"]["all"]["bpb"]  # a real model beats a random one
+    d = tmp_path / name
+    make_student(preset, tokenizer=tok, seed=seed).save_pretrained(d); tok.save_pretrained(d)
+    return d
+
+
+def _check_run(out, m, names):
+    assert list(m["models"]) == names
+    teacher, tiny, untrained = (m["models"][k] for k in names)
     assert tiny["agreement_with_first_teacher"]["all"]["fkl"] > 0                         # shares the teacher's tokenizer
-    tasks = {(r["task"], r["metric"]) for r in teacher["tasks"] if r["domain"] == "all"}
-    assert ("continuation", "acc_norm") in tasks and ("minimal_pairs", "acc") in tasks
+    assert m["precision"]["name"] in ("fp32", "bf16") and m["precision"]["source"] in ("rule", "environment")
+    assert teacher["dtype"] == m["precision"]["teacher_dtype"]
+    assert m["parameters"]["n_per_domain"] == 1 and m["tasks"] == {"continuation": 9, "minimal_pairs": 9}
+    assert m["resolvable_difference"]["minimal_pairs"]["n"] == 9
+    rows = {(r["task"], r["metric"]): r for r in teacher["tasks"] if r["domain"] == "all"}
+    assert ("continuation", "acc_norm") in rows and ("minimal_pairs", "acc") in rows
+    assert all(0 <= r["floor"] <= 1 for r in teacher["tasks"])                             # a floor beside every score
+    # the untrained row is the teachers' floor model (llama-tiny on the teacher's tokenizer, seed 0): its scores are the floor
+    assert all(r["value"] == r["floor"] for r in untrained["tasks"])
+    assert [r["floor"] for r in teacher["tasks"]] == [r["value"] for r in untrained["tasks"]]
     for f in ("accuracy.html", "bpb_per_domain.html", "parallel_coordinates.html", "summary.md", "bits_per_byte.csv",
-              "offline_tasks/continuation.jsonl"):
+              "tasks_per_domain.csv", "offline_tasks/continuation.jsonl", "run_config.json"):
         assert (out / f).stat().st_size > 0
+    assert "floor" in (out / "summary.md").read_text()
+
+
+def test_eval_models_notebook_smoke(tmp_path):
+    "Seconds: a tiny saved model stands in for the teacher (the packaged teacher's run is the slow test below)."
+    teacher, student = _save(tmp_path, "teacher", "llama-tiny", 1), _save(tmp_path, "student", "llama-tiny", 3)
+    out = tmp_path / "run"
+    params = {"smoke": True, "out_dir": str(out), "teachers": [str(teacher)], "students": [str(student)], "student_names": ["tiny"]}
+    _run(tmp_path, "out", params)
+    m = json.loads((out / "metrics.json").read_text())
+    _check_run(out, m, [str(teacher), "tiny", "untrained llama-tiny"])
+    # a student of the teachers' floor preset on the same tokenizer: its own floor (an untrained copy of its config) is the same
+    assert [r["floor"] for r in m["models"]["tiny"]["tasks"]] == [r["floor"] for r in m["models"][str(teacher)]["tasks"]]
+    # papermill's `-p overwrite false` arrives as the string "false": it must mean False, so the completed run is kept
     with pytest.raises(pm.PapermillExecutionError) as e:
-        pm.execute_notebook(str(ROOT / "nbs" / "eval_models.ipynb"), str(tmp_path / "again.ipynb"), parameters=params,
-                            cwd=str(ROOT), progress_bar=False)
+        _run(tmp_path, "again", dict(params, overwrite="false"))
     assert "already holds a completed run" in str(e.value)
+
+
+@pytest.mark.slow  # the packaged 135M teacher scored, and run again for teacher agreement: minutes on the shared 2-core CPU
+def test_eval_models_notebook_packaged_teacher(tmp_path):
+    student = _save(tmp_path, "student", "llama-tiny", 3)
+    out = tmp_path / "run"
+    _run(tmp_path, "out", {"smoke": True, "out_dir": str(out), "students": [str(student)], "student_names": ["tiny"]})
+    m = json.loads((out / "metrics.json").read_text())
+    _check_run(out, m, ["smollm2-135m", "tiny", "untrained llama-tiny"])
+    assert m["models"]["smollm2-135m"]["bits_per_byte"]["all"]["bpb"] < m["models"]["tiny"]["bits_per_byte"]["all"]["bpb"]
+
+
+@pytest.mark.parametrize("name,value,message", [("n_per_domain", "many", "n_per_domain='many'"),
+                                                ("overwrite", "maybe", "overwrite='maybe'")])
+def test_eval_models_notebook_bad_parameter(tmp_path, name, value, message):
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        _run(tmp_path, "bad", {"smoke": True, "out_dir": str(tmp_path / "run"), name: value})
+    assert message in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
