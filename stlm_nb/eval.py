@@ -613,31 +613,42 @@ def untrained_floor(
     preset, # a key of `stlm_nb.models.STUDENT_PRESETS`, or a model / `PretrainedConfig` whose architecture is re-initialised
     tokenizer, # the tokenizer of the model whose scores the floor sits beside
     suite="offline", # as for `evaluate`: the same items as the scores it is compared with
-    seed:int=0, # initialisation seed of the untrained model
+    seed:int|list[int]=0, # initialisation seed(s) of the untrained model; several: their mean, with "std" and "seeds" columns
     batch_size:int=16,
     progress:bool=False,
     add_bos_token:bool|None=None,
     **offline_kw, # passed to `offline_tasks` for suite="offline"
-)->pd.DataFrame: # `evaluate`'s table for the untrained model (columns task, domain, metric, value, chance, n)
-    "The untrained floor: an untrained model of the same preset (or config), seed `seed`, scored by `evaluate` on the same items."
+)->pd.DataFrame: # `evaluate`'s table for the untrained model (columns task, domain, metric, value, chance, n[, std, seeds])
+    """The untrained floor: an untrained model of the same preset (or config) scored by `evaluate` on the same items; with
+    several seeds the mean over seeds and its sample standard deviation (ddof 1). ValueError for a bad preset or seed."""
     from transformers import AutoModelForCausalLM, PretrainedConfig
     from stlm_nb.models import make_student
-    if isinstance(preset, str): model = make_student(preset, tokenizer=tokenizer, seed=seed)
-    else:
+    seeds = [seed] if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else list(seed) if isinstance(seed, (list, tuple)) else None
+    if not seeds or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in seeds):
+        raise ValueError(f"seed={seed!r}; accepted: an int or a non-empty list of ints")
+    if not isinstance(preset, str):
         config = preset if isinstance(preset, PretrainedConfig) else getattr(preset, "config", None)
         if not isinstance(config, PretrainedConfig):
             raise ValueError(f"preset={type(preset).__name__}: accepted: a preset name (stlm_nb.models.STUDENT_PRESETS), a transformers model or its config")
-        torch.manual_seed(seed); model = AutoModelForCausalLM.from_config(config)
-    model = model.float().eval()
-    return evaluate(model, tokenizer, suite, batch_size=batch_size, progress=progress, add_bos_token=add_bos_token, **offline_kw)
+    if isinstance(suite, str) and suite == "offline": suite = offline_tasks(**offline_kw)  # built once for every seed
+    tables = []
+    for s in seeds:
+        if isinstance(preset, str): model = make_student(preset, tokenizer=tokenizer, seed=int(s))
+        else: torch.manual_seed(int(s)); model = AutoModelForCausalLM.from_config(config)
+        tables.append(evaluate(model.float().eval(), tokenizer, suite, batch_size=batch_size, progress=progress, add_bos_token=add_bos_token))
+        del model
+    if len(tables) == 1: return tables[0]
+    vals = np.stack([t.value.to_numpy() for t in tables])
+    return tables[0].assign(value=vals.mean(0), std=vals.std(0, ddof=1), seeds=len(seeds))
 
 def with_floor(
     table:pd.DataFrame, # `evaluate`'s table of a model
     floor:pd.DataFrame, # `untrained_floor`'s table on the same items
-)->pd.DataFrame: # `table` with a column "floor" beside "value"
+)->pd.DataFrame: # `table` with a column "floor" (and "floor_std" for a floor over several seeds) beside "value"
     "The table with the untrained floor's value beside each row. ValueError when the two were not scored on the same items."
     key = ["task", "domain", "metric"]
-    m = table.merge(floor[key + ["value", "n"]].rename(columns={"value": "floor", "n": "floor_n"}), on=key, how="left")
+    extra = ["std"] if "std" in floor else []
+    m = table.merge(floor[key + ["value", "n"] + extra].rename(columns={"value": "floor", "n": "floor_n", "std": "floor_std"}), on=key, how="left")
     bad = m[m.floor.isna() | (m.floor_n != m.n)]
     if len(bad): raise ValueError(f"floor does not match table on {len(bad)} rows (e.g. {bad.iloc[0][key].to_dict()}): score both on the same suite")
-    return m.drop(columns="floor_n")[["task", "domain", "metric", "value", "floor", "chance", "n"]]
+    return m[["task", "domain", "metric", "value", "floor"] + (["floor_std"] if extra else []) + ["chance", "n"]]

@@ -39,10 +39,10 @@ def _check_run(out, m, names):
     assert m["resolvable_difference"]["minimal_pairs"]["n"] == 9
     rows = {(r["task"], r["metric"]): r for r in teacher["tasks"] if r["domain"] == "all"}
     assert ("continuation", "acc_norm") in rows and ("minimal_pairs", "acc") in rows
-    assert all(0 <= r["floor"] <= 1 for r in teacher["tasks"])                             # a floor beside every score
-    # the untrained row is the teachers' floor model (llama-tiny on the teacher's tokenizer, seed 0): its scores are the floor
-    assert all(r["value"] == r["floor"] for r in untrained["tasks"])
-    assert [r["floor"] for r in teacher["tasks"]] == [r["value"] for r in untrained["tasks"]]
+    assert m["parameters"]["floor_seeds"] == [0, 1] and teacher["floor"]["seeds"] == [0, 1]
+    assert all(0 <= r["floor"] <= 1 and r["floor_std"] >= 0 for r in teacher["tasks"])     # a floor beside every score
+    # the untrained row's floor is the teachers' floor (llama-tiny on the teacher's tokenizer, the same seeds)
+    assert [r["floor"] for r in teacher["tasks"]] == [r["floor"] for r in untrained["tasks"]]
     for f in ("accuracy.html", "bpb_per_domain.html", "parallel_coordinates.html", "summary.md", "bits_per_byte.csv",
               "tasks_per_domain.csv", "offline_tasks/continuation.jsonl", "run_config.json"):
         assert (out / f).stat().st_size > 0
