@@ -18,7 +18,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from . import data as D
-from .eval import evaluate as evaluate_tasks, offline_tasks
+from .eval import TASKS_PER_DOMAIN, evaluate as evaluate_tasks, offline_tasks, untrained_floor
 from .cache import TeacherCache, build_teacher_cache, cache_key, fingerprint_blocks, key_hash
 from .losses import (KD_KINDS, HintProjector, distillation_loss, hint_loss, kd_loss_sum_count,
                             uniform_layer_map)
@@ -53,7 +53,7 @@ class DistillConfig:
     block_size: int = field(default=128, metadata={"help": "tokens per packed block (Baby Llama: 128)"})
     train_tokens: int = field(default=24_576, metadata={"help": "distinct training tokens (blocks drawn across domains, seeded)"})
     eval_tokens_per_domain: int = field(default=1_024, metadata={"help": "held-out tokens per domain for evaluation"})
-    eval_tasks_per_domain: int = field(default=16, metadata={"help": "items per domain of each offline task (stlm_nb.eval) scored for every student; 0: skip"})
+    eval_tasks_per_domain: int = field(default=TASKS_PER_DOMAIN, metadata={"help": "items per domain of each offline task (stlm_nb.eval) scored for every student; 0: skip"})
     # objective
     alpha: float = field(default=0.5, metadata={"help": "weight of hard-label CE in alpha*CE + (1-alpha)*T^2*KD (Baby Llama eq. 1); 1 = CE only"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature T of teacher and student in the KD term"})
@@ -514,6 +514,8 @@ def run_distillation(
         per_seed = [(overall(runs[f"kd-seed{s}"]["tasks"]), overall(runs[f"ce-seed{s}"]["tasks"])) for s in config.seeds]
         for key in per_seed[0][0]:
             paired_tasks[f"{key[0]}/{key[1]}"] = paired_stats([kd[key] - ce[key] for kd, ce in per_seed])
+    # the untrained floor on the same items: untrained students of the same preset, one per seed (mean and spread)
+    floor = untrained_floor(config.student, tokenizer, tasks, seed=list(config.seeds)).to_dict("records") if tasks else []
     metrics = {
         "config": dataclasses.asdict(config), "versions": versions(), "world_size": world, "precision": precision.as_dict(),
         "timings": {**timings, "total_s": time.time() - t_start},
@@ -522,7 +524,7 @@ def run_distillation(
         "flops": {"student_step_per_token": 6 * n_student,
                   "teacher_forward_per_token": [2 * p if p else None for p in teacher_params],
                   "teacher_cache_tokens": teacher_tokens if config.teacher_mode == "cache" else 0},
-        "teacher": teacher_eval, **({"teacher_steering": teacher_steering} if steer else {}), "runs": runs, "kd_minus_ce_bpb": paired, "kd_minus_ce_tasks": paired_tasks,
+        "teacher": teacher_eval, **({"teacher_steering": teacher_steering} if steer else {}), "runs": runs, "untrained_floor": floor, "kd_minus_ce_bpb": paired, "kd_minus_ce_tasks": paired_tasks,
         "offline_tasks": {"n_per_domain": config.eval_tasks_per_domain, "counts": {k: len(v) for k, v in (tasks or {}).items()}},
     }
     if rank == 0: write_json(out / "metrics.json", metrics)
