@@ -207,14 +207,17 @@ def prepare_out_dir(
     out = Path(out_dir)
     cfg = json.loads(json.dumps({k: v for k, v in config.items() if k != "overwrite"}, default=to_json))
     status = "new"
-    if out.exists() and any(out.iterdir()):
+    # papermill writes the executed notebook into out_dir before the run starts: top-level notebooks do not count
+    entries = [p for p in out.iterdir() if not (p.is_file() and p.suffix == ".ipynb")] if out.exists() else []
+    if entries:
         rc = out / RUN_CONFIG
         if not rc.exists():
             raise ValueError(f"out_dir={str(out)!r} is not empty and holds no {RUN_CONFIG}: not a run directory of this "
                              "workbook; refusing to write into it or delete it. Choose an empty or new directory.")
         old = json.loads(rc.read_text())
-        if overwrite:
-            shutil.rmtree(out); status = "replaced"
+        if overwrite:  # the whole previous run goes (the notebook papermill is writing now stays)
+            for p in entries: shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            status = "replaced"
         elif (out / marker).exists():
             raise ValueError(f"out_dir={str(out)!r} already holds a completed run ({marker}); pass overwrite=True to "
                              "replace it, or choose another out_dir")
