@@ -340,7 +340,7 @@ def check_run(
     tokenizer = load_teacher_tokenizer(config.teachers[0]) if config.tokenizer == "teacher" else load_tokenizer(config.tokenizer)
     vocab = len(tokenizer)
     for name in config.teachers:  # the same size is not the same tokenizer
-        ttok = load_teacher_tokenizer(name)
+        ttok = tokenizer if (name == config.teachers[0] and config.tokenizer == "teacher") else load_teacher_tokenizer(name)
         if ttok.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"teachers={name!r} has a different vocabulary ({len(ttok)} tokens) from the student's tokenizer "
                              f"({vocab} tokens): adapt the teacher first (stlm_nb.adapt) or use tokenizer='teacher'")
