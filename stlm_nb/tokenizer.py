@@ -16,8 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # %% auto #0
-__all__ = ['EOS_TOKEN', 'PAD_TOKEN', 'train_bpe', 'hub_offline', 'locate_pretrained', 'load_tokenizer', 'bytes_per_token',
-           'compression_table']
+__all__ = ['EOS_TOKEN', 'PAD_TOKEN', 'train_bpe', 'hub_offline', 'locate_pretrained', 'load_tokenizer', 'bytes_per_token']
 
 # %% ../nbs/01_tokenizer.ipynb #1e3249fa
 EOS_TOKEN = "<|endoftext|>"  # document separator and BOS, as in GPT-2 and SmolLM2's base tokenizer
@@ -131,16 +130,3 @@ def bytes_per_token(
         n_tokens += len(tokenizer(t, add_special_tokens=False).input_ids)
     if n_tokens == 0: raise ValueError("texts: no tokens (empty input)")
     return n_bytes / n_tokens
-
-def compression_table(
-    tokenizers:dict, # name -> tokenizer
-    dataset, # `datasets.Dataset` with `text` and `domain` columns (e.g. a held-out split)
-    max_docs_per_domain:int=200, # cap per domain, first documents in order
-)->list[dict]: # rows {"domain", <name>: bytes/token, ...}, one per domain
-    "Bytes per token per domain for several tokenizers, on the same documents."
-    by_domain: dict[str, list[str]] = {}
-    for text, dom in zip(dataset["text"], dataset["domain"]):
-        docs = by_domain.setdefault(dom, [])
-        if len(docs) < max_docs_per_domain: docs.append(text)
-    return [{"domain": dom, **{name: bytes_per_token(t, docs) for name, t in tokenizers.items()}}
-            for dom, docs in sorted(by_domain.items())]
