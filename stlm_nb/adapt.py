@@ -9,15 +9,14 @@ import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer
 
 from .losses import distillation_loss, universal_logit_distillation_loss
-from .runs import Precision, resolve_precision, unwrap_model
+from .runs import Precision, resolve_precision, training_arguments, unwrap_model
 from .trainer import DistillationTrainer
 
 # %% auto #0
@@ -213,13 +212,11 @@ def adapt_teacher_vocabulary(
                          "load it with dtype=torch.float32, or pass precision='fp32'")
     model = adapt_vocabulary(teacher, teacher_tokenizer, student_tokenizer, init=init, seed=seed)
     model.train()
-    args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+    args = training_arguments(  # the one builder (stlm_nb.runs): seed, data order, precision, no reporting
+        output_dir, seed, precision, max_steps=max_steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.0,
         logging_steps=logging_steps, eval_strategy="steps" if eval_dataset is not None else "no", eval_steps=eval_steps,
-        save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed, data_seed=seed + 1,
-        bf16=precision.student_autocast, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(),
-        prediction_loss_only=True)
+        save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collate_lm_blocks)
     history = []
     if eval_dataset is not None: history.append({**trainer.evaluate(), "step": 0})

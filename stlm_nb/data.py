@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SAMPLE_DIR', 'corpus_files', 'check_jsonl', 'load_corpus', 'text_hash_unit', 'split_corpus', 'tokenize_corpus',
-           'pack_blocks', 'domain_stats', 'check_block_size']
+           'pack_blocks', 'domain_stats', 'check_block_size', 'collate_blocks']
 
 # %% ../nbs/00_data.ipynb #ab81169f
 import gzip, hashlib, json, re, zlib
@@ -184,3 +184,11 @@ def check_block_size(block_size:int, # tokens per training block
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and block_size > limit:
         raise ValueError(f"block_size={block_size} > config.max_position_embeddings={limit}; accepted: 2..{limit}")
+
+# %% ../nbs/00_data.ipynb #2ce71a2f
+def collate_blocks(rows:list[dict], # packed blocks: `input_ids`, `labels` (T,) and `block_idx`
+                  )->dict: # {"input_ids": (B, T) int64, "labels": (B, T) int64, "block_idx": (B,) int64}
+    "Stack packed blocks into `input_ids`, `labels` (B, T) int64 and `block_idx` (B,) for the teacher cache."
+    import torch
+    return {"input_ids": torch.tensor([r["input_ids"] for r in rows]), "labels": torch.tensor([r["labels"] for r in rows]),
+            "block_idx": torch.tensor([r["block_idx"] for r in rows])}

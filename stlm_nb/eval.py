@@ -29,7 +29,8 @@ __all__ = ['HUB_BENCHMARKS', 'LINE_DOMAINS', 'TASKS_VERSION', 'TASKS_PER_DOMAIN'
            'bits_per_byte', 'teacher_agreement', 'load_benchmark_rows', 'hellaswag_preprocess', 'load_blimp',
            'load_hellaswag', 'load_arc_easy', 'load_winogrande', 'load_mmlu', 'sentence_units', 'corrupt_sentence',
            'build_offline_tasks', 'offline_tasks', 'resolvable_difference', 'evaluate', 'accuracy_figure',
-           'parallel_coordinates_figure', 'untrained_floor', 'with_floor']
+           'parallel_coordinates_figure', 'untrained_floor', 'with_floor', 'per_domain_bpb', 'evaluate_blocks',
+           'teacher_bpb']
 
 # %% ../nbs/06_eval.ipynb #ff889d6f
 def prefix_token_id(tokenizer)->int:
@@ -652,3 +653,63 @@ def with_floor(
     bad = m[m.floor.isna() | (m.floor_n != m.n)]
     if len(bad): raise ValueError(f"floor does not match table on {len(bad)} rows (e.g. {bad.iloc[0][key].to_dict()}): score both on the same suite")
     return m[["task", "domain", "metric", "value", "floor"] + (["floor_std"] if extra else []) + ["chance", "n"]]
+
+# %% ../nbs/06_eval.ipynb #e1730f57
+def per_domain_bpb(
+    sums:dict, # {domain: {"nll": summed NLL in nats, "tokens": count, [other summed metrics]}}
+    stats:dict, # `domain_stats` (tokens_per_byte per domain)
+)->dict: # {domain: {"nll", "bpb", "tokens", [per-token means of the other metrics]}, "all": {...}}
+    "Nats/token and bits per byte per domain and overall (The Pile: BPB = (L_T/L_B)·ℓ/ln 2) from summed NLL."
+    out, tot = {}, {"bits": 0.0, "bytes": 0.0}
+    for d, a in sorted(sums.items()):
+        n = max(a["tokens"], 1); tpb = stats[d]["tokens_per_byte"]
+        out[d] = {**{k: v / n for k, v in a.items() if k != "tokens"}, "bpb": a["nll"] / n * tpb / math.log(2), "tokens": a["tokens"]}
+        for k, v in a.items(): tot[k] = tot.get(k, 0) + v
+        tot["bits"] += a["nll"] / math.log(2); tot["bytes"] += a["tokens"] / tpb
+    n = max(tot.get("tokens", 0), 1)
+    keys = [k for k in next(iter(sums.values()), {}) if k != "tokens"]
+    out["all"] = {**{k: tot[k] / n for k in keys}, "bpb": tot["bits"] / max(tot["bytes"], 1e-9), "tokens": tot.get("tokens", 0)}
+    return out
+
+# %% ../nbs/06_eval.ipynb #a9572a19
+@torch.no_grad()
+def evaluate_blocks(
+    model, # causal LM
+    blocks, # `Dataset` with input_ids, labels, domain, block_idx (`prepare_data`'s validation split)
+    stats:dict, # `domain_stats` of the validation split (tokens_per_byte per domain)
+    teacher_cache=None, # `TeacherCache` of a teacher's validation records, for agreement metrics
+    batch_size:int=16,
+)->dict: # {domain: {"nll", "bpb", "tokens", ["fkl_topk", "top1_agreement"]}, "all": {...}}
+    "Held-out loss, bits per byte and teacher agreement per domain, computed in float32 logits."
+    from stlm_nb.losses import kd_loss_sum_count
+    model.eval()
+    acc: dict[str, dict[str, float]] = {}
+    doms = blocks["domain"]
+    for s in range(0, len(blocks), batch_size):
+        b = D.collate_blocks([blocks[i] for i in range(s, min(s + batch_size, len(blocks)))])
+        logits = model(input_ids=b["input_ids"]).logits.float()[:, :-1]
+        tgt = b["labels"][:, 1:]; mask = tgt != -100
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.clamp_min(0), reduction="none")
+        if teacher_cache is not None:
+            rec = teacher_cache[b["block_idx"]][:, :-1]  # (B, T-1, k): position t predicts token t+1
+            top1 = (logits.argmax(-1) == rec.indices[..., 0]) & mask
+        for j in range(logits.shape[0]):
+            a = acc.setdefault(doms[s + j], {"nll": 0.0, "tokens": 0, **({"fkl_topk": 0.0, "top1_agreement": 0.0} if teacher_cache else {})})
+            m = mask[j]; a["nll"] += nll[j][m].sum().item(); a["tokens"] += int(m.sum())
+            if teacher_cache is not None:
+                sm, _ = kd_loss_sum_count(logits[j], rec[j], kind="fkl", temperature=1.0, mask=m)
+                a["fkl_topk"] += sm.item(); a["top1_agreement"] += top1[j].sum().item()
+    return per_domain_bpb(acc, stats)
+
+def teacher_bpb(
+    cache, # `TeacherCache` of a teacher's records on `blocks`
+    blocks, # the `Dataset` the cache was built on (its `domain` column)
+    stats:dict, # `domain_stats` (tokens_per_byte per domain)
+)->dict: # `per_domain_bpb` output
+    "A teacher's held-out loss and bits per byte per domain, from its cached target log-probs (no forward pass)."
+    lp = cache.target_logprob().numpy(); doms = np.array(blocks["domain"])
+    sums = {}
+    for d in sorted(set(doms)):
+        v = lp[doms == d].astype(np.float64); v = v[~np.isnan(v)]
+        sums[d] = {"nll": float(-v.sum()), "tokens": int(v.size)}
+    return per_domain_bpb(sums, stats)

@@ -16,9 +16,12 @@ import torch
 from torch import Tensor, nn
 from transformers import LlamaForCausalLM, Trainer
 
-from .models import count_parameters
-from .runs import PRECISIONS, matmul_parameters, prepare_out_dir, resolve_precision, unwrap_model, versions, write_json
-from .trainer import DistillationTrainer
+from .data import collate_blocks
+from .eval import evaluate_blocks
+from .models import count_parameters, load_teacher, load_teacher_tokenizer, resolve_model_path
+from .runs import (PRECISIONS, config_from_parameters, flops_per_token, matmul_parameters, prepare_out_dir, resolve_precision,
+                          run_metrics, training_arguments, unwrap_model, write_json)
+from .trainer import DataConfig, DistillationTrainer, KDConfig, prepare_data, teacher_signals
 
 # %% auto #0
 __all__ = ['HC_BETA', 'HC_LEFT', 'HC_RIGHT', 'HC_EPS', 'LOG_ALPHA_INIT', 'LOG_ALPHA_RANGE', 'DETERMINISTIC_SHARPNESS',
@@ -461,84 +464,67 @@ class PruneConfig:
     block_size: int = field(default=128, metadata={"help": "tokens per block"})
     train_tokens: int = field(default=24_576, metadata={"help": "distinct training tokens (the distillation job's; its teacher cache is reused)"})
     eval_tokens_per_domain: int = field(default=1_024, metadata={"help": "held-out tokens per domain for bits per byte"})
-    task_docs_per_domain: int = field(default=8, metadata={"help": "offline-task documents per domain and task (stlm_nb.eval); 0 skips them"})
+    tasks_per_domain: int = field(default=8, metadata={"help": "offline-task items per domain and task (stlm_nb.eval); 0 skips them"})
     seed: int = field(default=0, metadata={"help": "seed of masks' sampling, data order and the baseline's initialisation"})
     precision: str = field(default="auto", metadata={"help": "'auto' ($STLM_NB_PRECISION, else fp32 on CPU / bf16 on CUDA), 'fp32' or 'bf16' (stlm_nb.runs.resolve_precision)"})
     out_dir: str = field(default="runs/prune", metadata={"help": "where models, metrics.json and figures go"})
     overwrite: bool = field(default=False, metadata={"help": "replace a completed run in out_dir"})
-    smoke: bool = field(default=False, metadata={"help": "shrink everything to seconds (tests)"})
+    smoke: bool = field(default=False, metadata={"help": "apply PruneConfig.SMOKE: seconds, not minutes (tests); the target shape stays as given"})
+
+    # the explicit overrides of smoke=True (sizes and steps; the target shape is the experiment and stays as given)
+    SMOKE = {"prune_steps": 3, "prune_batch_size": 2, "cpt_steps": 2, "batch_size": 4, "tasks_per_domain": 1,
+             "train_tokens": 2_048, "eval_tokens_per_domain": 256, "block_size": 64, "top_k": 8}
+
+    @classmethod
+    def from_parameters(cls, params:dict|None=None, **kw)->PruneConfig:
+        "From flat parameters (a notebook's, papermill's strings included), each coerced to its field's type; unknown names refused."
+        return config_from_parameters(cls, {**(params or {}), **kw})
 
     def __post_init__(self):
         def bad(name, accepted): raise ValueError(f"{name}={getattr(self, name)!r}: {accepted}")
         for name in ("prune_steps", "prune_batch_size", "cpt_steps", "batch_size", "top_k", "block_size", "train_tokens", "eval_tokens_per_domain"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1: bad(name, "must be a positive int")
-        if not isinstance(self.task_docs_per_domain, int) or self.task_docs_per_domain < 0: bad("task_docs_per_domain", "must be an int >= 0")
+        if not isinstance(self.tasks_per_domain, int) or self.tasks_per_domain < 0: bad("tasks_per_domain", "must be an int >= 0")
         for name in ("prune_learning_rate", "mask_learning_rate", "lambda_learning_rate", "cpt_learning_rate", "scratch_learning_rate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v): bad(name, "must be a finite number > 0")
         if not 0.0 <= self.target_warmup_ratio <= 1.0: bad("target_warmup_ratio", "must be in [0, 1]")
         if not 0.0 <= self.alpha <= 1.0: bad("alpha", "must be in [0, 1]")
         if str(self.precision).strip().lower() not in PRECISIONS: bad("precision", f"accepted: {', '.join(map(repr, PRECISIONS))}")
-        if self.smoke:  # seconds: fields left at their defaults shrink; explicit values win
-            small = dict(prune_steps=3, prune_batch_size=2, cpt_steps=2, batch_size=4, task_docs_per_domain=1,
-                         hidden_size=144, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3, intermediate_size=96)
-            for f in dataclasses.fields(self):
-                if f.name in small and getattr(self, f.name) == f.default: setattr(self, f.name, small[f.name])
+        if self.smoke:
+            for k, v in self.SMOKE.items(): setattr(self, k, v)
 
     @property
     def target(self)->TargetShape: return TargetShape(*(getattr(self, f) for f in SHAPE_FIELDS))
 
 # %% ../nbs/08_pruning.ipynb #4e53e813
-def _teacher_caches(dconfig, data, tokenizer, dtype:torch.dtype, device:str="cpu"):
-    "The source's top-k caches of the train and validation blocks, with the keys `run_distillation` uses (so they are shared)."
-    from stlm_nb.cache import build_teacher_cache, cache_key, fingerprint_blocks, key_hash
-    from stlm_nb.models import cache_dir, load_teacher
-    name = dconfig.teachers[0]; caches, model = {}, None
-    for split in ("train", "validation"):
-        ids = np.array(data[split]["input_ids"])
-        key = cache_key(name, name, fingerprint_blocks(ids), dconfig.block_size, dconfig.top_k, (1.0,), str(dtype))
-        path = cache_dir() / "teacher_cache" / key_hash(key)
-        if not (path / "meta.json").exists() and model is None: model, _ = load_teacher(name, dtype=dtype, device=device)
-        caches[split] = build_teacher_cache(model, ids, path, key, labels=np.array(data[split]["labels"]), vocab_size=len(tokenizer), progress=False)
-    return caches
-
-def _args(out, steps, batch, lr, seed, schedule, bf16, eval_steps=None, **kw):
-    from transformers import TrainingArguments
-    return TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, per_device_eval_batch_size=8,
-                             learning_rate=lr, lr_scheduler_type=schedule, weight_decay=0.1, seed=seed, data_seed=seed + 1,
-                             bf16=bf16, use_cpu=not torch.cuda.is_available(), logging_steps=max(1, min(5, steps // 4)),
-                             save_strategy="no", eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps,
-                             prediction_loss_only=True, report_to="none", remove_unused_columns=False, dataloader_num_workers=0,
-                             disable_tqdm=True, **kw)
-
 def run_pruning(
     config:PruneConfig,
 )->dict: # the metrics written to `out_dir/metrics.json`
     "Prune `config.source` to `config.target`, shrink, continue pre-training, train the same shape from scratch, evaluate all."
     import resource
-    from stlm_nb.models import load_teacher, load_teacher_tokenizer
-    from stlm_nb.trainer import DistillConfig, collate_blocks, evaluate_blocks, per_domain_bpb, prepare_data
     t_start = time.time(); timings = {}
     out = Path(config.out_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(config.precision, device)  # the source's cache in precision.teacher_dtype; autocast per student_autocast
     from transformers import AutoConfig
-    from stlm_nb.models import _resolve
-    config.target.check(AutoConfig.from_pretrained(_resolve(config.source)))  # fail before any work
+    config.target.check(AutoConfig.from_pretrained(resolve_model_path(config.source)))  # fail before any work
     prepare_out_dir(out, dataclasses.asdict(config), overwrite=config.overwrite)  # refuses a finished run unless overwrite
     print(precision)
-    dconfig = DistillConfig(teachers=[config.source], train_tokens=config.train_tokens, eval_tokens_per_domain=config.eval_tokens_per_domain,
-                            block_size=config.block_size, top_k=config.top_k, smoke=config.smoke)  # same data (and cache keys) as run_distillation
+    # the distillation recipe's own stages: the same data and the same teacher-cache keys as run_distillation
+    data_config = DataConfig(train_tokens=config.train_tokens, eval_tokens_per_domain=config.eval_tokens_per_domain,
+                             block_size=config.block_size, tasks_per_domain=config.tasks_per_domain)
+    kd = KDConfig(teachers=[config.source], top_k=config.top_k, alpha=config.alpha)  # forward KL at T = 1 on the source's cached top-k
     tokenizer = load_teacher_tokenizer(config.source)
-    t0 = time.time(); data = prepare_data(dconfig, tokenizer)
-    caches = _teacher_caches(dconfig, data, tokenizer, precision.teacher_dtype, device); timings["data_and_cache_s"] = time.time() - t0
+    t0 = time.time(); data = prepare_data(data_config, tokenizer)
+    signals = teacher_signals(kd, data, len(tokenizer), precision, device=device); timings["data_and_cache_s"] = time.time() - t0
     val, stats = data["validation"], data["stats"]
-    lp = caches["validation"].target_logprob().numpy(); doms = np.array(val["domain"]); sums = {}
-    for d in sorted(set(doms)):
-        v = lp[doms == d].astype(np.float64); v = v[~np.isnan(v)]; sums[d] = {"nll": float(-v.sum()), "tokens": int(v.size)}
-    evals = {"source": per_domain_bpb(sums, stats)}  # the source model's held-out loss, from its cached target log-probs
-    bf16 = precision.student_autocast
-    kd = dict(teacher_caches=[caches["train"]], alpha=config.alpha, temperature=1.0, kind="fkl", data_collator=collate_blocks)
+    evals = {"source": signals.eval[config.source]}  # the source model's held-out loss, from its cached target log-probs
+    kd_kw = dict(kd=kd, teacher_caches=signals.train, data_collator=collate_blocks)
+    def args(phase, steps, batch, lr, schedule, **kw):  # the one TrainingArguments builder (stlm_nb.runs)
+        return training_arguments(out / phase, config.seed, precision, max_steps=steps, per_device_train_batch_size=batch,
+                                  per_device_eval_batch_size=8, learning_rate=lr, lr_scheduler_type=schedule, weight_decay=0.1,
+                                  logging_steps=max(1, min(5, steps // 4)), save_strategy="no", disable_tqdm=True, **kw)
 
     # 1. masks on the source model (pruning + distillation from its own cached outputs)
     torch.manual_seed(config.seed)
@@ -547,10 +533,10 @@ def run_pruning(
     source_params = count_parameters(model)
     masks = PruningMasks(model.config, config.target)
     hooks = apply_masks(model, masks)
-    trainer = PruningTrainer(model=model, args=_args(out / "prune", config.prune_steps, config.prune_batch_size, config.prune_learning_rate,
-                                                      config.seed, "constant", bf16), train_dataset=data["train"], masks=masks,
+    trainer = PruningTrainer(model=model, args=args("prune", config.prune_steps, config.prune_batch_size, config.prune_learning_rate,
+                                                    "constant", eval_strategy="no"), train_dataset=data["train"], masks=masks,
                              target_warmup_steps=round(config.target_warmup_ratio * config.prune_steps),
-                             mask_learning_rate=config.mask_learning_rate, lambda_learning_rate=config.lambda_learning_rate, **kd)
+                             mask_learning_rate=config.mask_learning_rate, lambda_learning_rate=config.lambda_learning_rate, **kd_kw)
     t0 = time.time(); trainer.train(); timings["prune_s"] = time.time() - t0
     prune_history, final_state = trainer.state.log_history, trainer.pruning_state()
     # 2. final masks -> a dense model; check it against the masked model on held-out blocks, both in float32 and without
@@ -564,18 +550,18 @@ def run_pruning(
     evals["pruned"] = evaluate_blocks(small, val, stats, batch_size=8)
 
     # 3. continued pre-training of the shrunk model, 4. the same shape from scratch on the same number of tokens
-    tokens = {"prune": config.prune_steps * config.prune_batch_size * dconfig.block_size,
-              "cpt": config.cpt_steps * config.batch_size * dconfig.block_size}
-    scratch_steps = math.ceil((tokens["prune"] + tokens["cpt"]) / (config.batch_size * dconfig.block_size))
-    tokens["scratch"] = scratch_steps * config.batch_size * dconfig.block_size
+    tokens = {"prune": config.prune_steps * config.prune_batch_size * config.block_size,
+              "cpt": config.cpt_steps * config.batch_size * config.block_size}
+    scratch_steps = math.ceil((tokens["prune"] + tokens["cpt"]) / (config.batch_size * config.block_size))
+    tokens["scratch"] = scratch_steps * config.batch_size * config.block_size
     histories, models = {}, {}
     for arm, steps, lr in (("pruned+cpt", config.cpt_steps, config.cpt_learning_rate), ("scratch", scratch_steps, config.scratch_learning_rate)):
         torch.manual_seed(config.seed)
         m = small if arm == "pruned+cpt" else LlamaForCausalLM(copy.deepcopy(small.config))
         m.requires_grad_(True).train()
-        tr = DistillationTrainer(model=m, args=_args(out / arm, steps, config.batch_size, lr, config.seed, "cosine", bf16,
-                                                     eval_steps=steps if config.smoke else max(1, steps // 2), warmup_steps=0.05),
-                                 train_dataset=data["train"], eval_dataset=val, **kd)
+        tr = DistillationTrainer(model=m, args=args(arm, steps, config.batch_size, lr, "cosine", eval_strategy="steps",
+                                                    eval_steps=steps if config.smoke else max(1, steps // 2), warmup_steps=0.05),
+                                 train_dataset=data["train"], eval_dataset=val, **kd_kw)
         t0 = time.time(); tr.train(); timings[f"{arm}_s"] = time.time() - t0
         m = unwrap_model(tr.model).eval(); histories[arm] = tr.state.log_history; models[arm] = m  # float32, no autocast wrapper
         m.save_pretrained(out / arm / "final"); tokenizer.save_pretrained(out / arm / "final")
@@ -583,10 +569,10 @@ def run_pruning(
 
     # 5. offline tasks (stlm_nb.eval), the same documents for every model
     tasks = {}
-    if config.task_docs_per_domain > 0:
+    if config.tasks_per_domain > 0:
         from stlm_nb.eval import evaluate, offline_tasks
         t0 = time.time()
-        suite = offline_tasks(n_per_domain=config.task_docs_per_domain)  # built once: the same documents for every model
+        suite = offline_tasks(n_per_domain=config.tasks_per_domain)  # built once: the same documents for every model
         src, _ = load_teacher(config.source, dtype=torch.float32)
         for name, m in (("source", src), ("pruned", None), ("pruned+cpt", models["pruned+cpt"]), ("scratch", models["scratch"])):
             if m is None: m = LlamaForCausalLM.from_pretrained(out / "pruned").eval()
@@ -594,20 +580,17 @@ def run_pruning(
         del src; timings["tasks_s"] = time.time() - t0
 
     small_params = count_parameters(models["scratch"])
-    metrics = {
-        "config": dataclasses.asdict(config), "data_config": {k: getattr(dconfig, k) for k in ("train_tokens", "eval_tokens_per_domain", "block_size", "top_k")},
-        "versions": versions(), "precision": precision.as_dict(),
-        "shapes": {"source": dataclasses.asdict(TargetShape.of(masks.config)), "target": dataclasses.asdict(config.target),
-                   "pruned": dataclasses.asdict(TargetShape.of(small.config)), "head_dim": _head_dim(small.config)},
-        "parameters": {"source": source_params, "pruned": count_parameters(small), "scratch": small_params,
-                       "expected_at_end": {k: final_state[f"expected_{k}"] for k in ("non_embedding", "total")}},
-        "masks": {"names": masks.names, "final_state": final_state,
-                  "kept_layers": _kept(final_gates["layer"]).tolist() if "layer" in final_gates else list(range(masks.source.num_hidden_layers))},
-        "max_abs_logit_diff_masked_vs_shrunk": max_logit_diff, "max_abs_logit": logit_scale,
-        "tokens": tokens, "flops": {"prune": 6 * source_matmul * tokens["prune"], "cpt": 6 * matmul_parameters(small) * tokens["cpt"],
-                                    "scratch": 6 * matmul_parameters(small) * tokens["scratch"]},
-        "eval": evals, "offline_tasks": tasks, "histories": {"prune": prune_history, **histories},
-        "timings": {**timings, "total_s": time.time() - t_start}, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    }
+    metrics = run_metrics("prune", dataclasses.asdict(config), precision, {**timings, "total_s": time.time() - t_start},
+        shapes={"source": dataclasses.asdict(TargetShape.of(masks.config)), "target": dataclasses.asdict(config.target),
+                "pruned": dataclasses.asdict(TargetShape.of(small.config)), "head_dim": _head_dim(small.config)},
+        model_parameters={"source": source_params, "pruned": count_parameters(small), "scratch": small_params,
+                          "expected_at_end": {k: final_state[f"expected_{k}"] for k in ("non_embedding", "total")}},
+        masks={"names": masks.names, "final_state": final_state,
+               "kept_layers": _kept(final_gates["layer"]).tolist() if "layer" in final_gates else list(range(masks.source.num_hidden_layers))},
+        max_abs_logit_diff_masked_vs_shrunk=max_logit_diff, max_abs_logit=logit_scale,
+        tokens=tokens, flops={"prune": 6 * source_matmul * tokens["prune"], "cpt": flops_per_token(small) * tokens["cpt"],
+                              "scratch": flops_per_token(small) * tokens["scratch"]},
+        eval=evals, offline_tasks=tasks, histories={"prune": prune_history, **histories},
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     write_json(out / "metrics.json", metrics)
     return metrics

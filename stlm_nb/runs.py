@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'PRECISION_ENV', 'TRUE_STRINGS', 'FALSE_STRINGS', 'RUN_CONFIG', 'Precision', 'resolve_precision',
-           'unwrap_model', 'parse_bool', 'coerce', 'config_from_parameters', 'to_json', 'write_json', 'versions',
-           'matmul_parameters', 'prepare_out_dir', 't_quantile_975', 'paired_stats']
+__all__ = ['PRECISIONS', 'PRECISION_ENV', 'TRUE_STRINGS', 'FALSE_STRINGS', 'RUN_CONFIG', 'METRICS_SCHEMA', 'Precision',
+           'resolve_precision', 'unwrap_model', 'parse_bool', 'coerce', 'config_from_parameters', 'to_json',
+           'write_json', 'versions', 'matmul_parameters', 'flops_per_token', 'prepare_out_dir', 'cache_dir',
+           'data_seed', 'training_arguments', 'run_metrics', 'markdown_table', 't_quantile_975', 'paired_stats']
 
 # %% ../nbs/11_runs.ipynb #c7acf8ea
 PRECISIONS = ("auto", "fp32", "bf16")  # accepted by `precision=` and STLM_NB_PRECISION
@@ -187,12 +189,23 @@ def versions()->dict:
 
 def matmul_parameters(model:torch.nn.Module)->int:
     "Parameters that take part in matmuls per token: all but the embeddings, plus the LM head (tied or not)."
-    from stlm_nb.models import count_parameters
-    head = model.get_output_embeddings().weight.numel()
-    return count_parameters(model)["non_embedding"] + head
+    head = model.get_output_embeddings().weight
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} | {id(head)}
+    unique = {id(p): p for p in model.parameters()}  # a tied tensor once
+    return sum(p.numel() for i, p in unique.items() if i not in embeddings) + head.numel()
+
+def flops_per_token(
+    model:torch.nn.Module, # the model whose matmuls are counted
+    training:bool=True, # True: forward + backward (6N); False: forward only (2N)
+)->int: # FLOPs per token
+    "Kaplan et al. (2020), §2.1: C ≈ 6·N per training token and 2·N per forward token, N = `matmul_parameters`."
+    return (6 if training else 2) * matmul_parameters(model)
 
 # %% ../nbs/11_runs.ipynb #67ce201a
 RUN_CONFIG = "run_config.json"
+
+def _identity(config:dict)->dict:  # what makes two runs the same run: everything but `overwrite` (at any depth)
+    return {k: _identity(v) if isinstance(v, dict) else v for k, v in config.items() if k != "overwrite"}
 
 def _differences(old:dict, new:dict)->dict:
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
@@ -205,7 +218,7 @@ def prepare_out_dir(
 )->str: # "new", "resume" (same configuration, unfinished) or "replaced"
     "Create or check `out_dir` for a run of `config`: resume only under the same configuration, replace only with `overwrite`."
     out = Path(out_dir)
-    cfg = json.loads(json.dumps({k: v for k, v in config.items() if k != "overwrite"}, default=to_json))
+    cfg = json.loads(json.dumps(_identity(config), default=to_json))
     status = "new"
     # papermill writes the executed notebook into out_dir before the run starts: top-level notebooks do not count
     entries = [p for p in out.iterdir() if not (p.is_file() and p.suffix == ".ipynb")] if out.exists() else []
@@ -229,6 +242,73 @@ def prepare_out_dir(
     out.mkdir(parents=True, exist_ok=True)
     if status != "resume": write_json(out / RUN_CONFIG, cfg)
     return status
+
+# %% ../nbs/11_runs.ipynb #ea2a81f5
+def cache_dir()->Path:
+    "Where converted teachers and teacher caches live: `$STLM_NB_CACHE`, else `~/.cache/stlm_nb`."
+    return Path(os.environ.get("STLM_NB_CACHE", Path.home() / ".cache" / "stlm_nb"))
+
+def data_seed(seed:int)->int:
+    "The data-order seed of a student with initialisation `seed`: accelerate seeds epoch e with data_seed + e, so seeds are spread 1000 apart (no two seeds share an epoch's order)."
+    return 1000 * int(seed) + 1
+
+def training_arguments(
+    output_dir:str|os.PathLike, # the student's checkpoints
+    seed:int, # initialisation seed; the data order uses `data_seed(seed)`
+    precision:Precision, # `resolve_precision(...)`: bf16 autocast when `precision.student_autocast`
+    base:TrainingArguments|None=None, # arguments to start from (e.g. parsed from the command line); None: Hugging Face's defaults
+    n_train_blocks:int|None=None, # training examples, for warmup_stable_decay's decay length
+    world_size:int=1, # data-parallel ranks, likewise
+    **overrides, # any other `TrainingArguments` field
+)->TrainingArguments:
+    "The workbook's `TrainingArguments`: `base` (or the defaults) with the project's conventions and `overrides` applied."
+    from transformers import TrainingArguments
+    fixed = dict(output_dir=str(output_dir), seed=int(seed), data_seed=data_seed(seed), bf16=precision.student_autocast, fp16=False,
+                 use_cpu=not torch.cuda.is_available(), report_to="none", remove_unused_columns=False, dataloader_num_workers=0,
+                 prediction_loss_only=True, disable_tqdm=not sys.stderr.isatty())
+    kw = {**fixed, **overrides}
+    if base is not None:  # a plain TrainingArguments from base's fields (a subclass's own checks stay with the subclass)
+        kw = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}, **kw}
+    args = TrainingArguments(**kw)
+    if args.lr_scheduler_type == "warmup_stable_decay" and not (args.lr_scheduler_kwargs or {}).get("num_decay_steps"):
+        # MiniCPM: warm-up, constant, then decay over the last 10% of the steps
+        per_epoch = math.ceil((n_train_blocks or 1) / (args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size))
+        total = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
+        args = dataclasses.replace(args, lr_scheduler_kwargs={**(args.lr_scheduler_kwargs or {}), "num_decay_steps": max(1, total // 10)})
+    return args
+
+# %% ../nbs/11_runs.ipynb #20b7e838
+METRICS_SCHEMA = "stlm_nb.metrics/1"  # the header every metrics.json starts with
+
+def run_metrics(
+    experiment:str, # "distill", "prune", "adapt_teacher", "mixture", "eval_models"
+    config:dict, # the resolved configuration (`dataclasses.asdict` or the config's `to_dict()`)
+    precision:Precision|None, # the precision rule in force (None where no model ran)
+    timings:dict, # {stage: seconds}
+    **results, # the experiment's own results
+)->dict:
+    "The common header of every `metrics.json` (schema, experiment, config, versions, precision, timings), then `results`."
+    header = {"schema": METRICS_SCHEMA, "experiment": experiment, "config": config, "versions": versions(),
+              "precision": precision.as_dict() if precision is not None else None, "timings": timings}
+    clash = set(header) & set(results)
+    if clash: raise ValueError(f"results use the header's names {sorted(clash)}; rename them")
+    return {**header, **results}
+
+def markdown_table(
+    rows:list[dict], # one dict per row
+    columns:list[str]|None=None, # column order (default: the first row's keys)
+    floatfmt:str=".4f", # format of float cells
+)->str: # a GitHub-flavoured markdown table
+    "A markdown table of `rows` (floats formatted with `floatfmt`, None and NaN as '–')."
+    if not rows: return ""
+    columns = columns or list(rows[0])
+    def cell(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)): return "–"
+        if isinstance(v, (float, np.floating)): return format(float(v), floatfmt)
+        return str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 # %% ../nbs/11_runs.ipynb #6e352fe5
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,

@@ -20,12 +20,13 @@ START, END = "<!-- bad-inputs:start -->", "<!-- bad-inputs:end -->"
 
 def _config(**kw):
     from stlm_nb.trainer import DistillConfig
-    return DistillConfig(**kw)
+    return DistillConfig.from_parameters(**kw)
 
 
 def _run(tmp, **kw):
+    "A smoke-sized run (DistillConfig.SMOKE's values without `smoke`, so that the case's own values are kept)."
     from stlm_nb.trainer import DistillConfig, run_distillation
-    return run_distillation(DistillConfig(smoke=True, out_dir=str(tmp / "run"), **kw))
+    return run_distillation(DistillConfig.from_parameters({**DistillConfig.SMOKE, "seeds": [0], "out_dir": str(tmp / "run"), **kw}))
 
 
 def _guard(tmp, finished, overwrite=False, new=None):
@@ -100,7 +101,7 @@ CASES = [
     ("corpus", "`content` instead of `text`", lambda t: _corpus(t, '{"content": "x", "domain": "fortunes"}'),
      "unexpected key(s) ['content']"),
     ("alpha", "1.5", lambda t: _config(alpha=1.5), "alpha=1.5: must be in [0, 1]"),
-    ("temperature", "0", lambda t: _config(temperature=0), "temperature=0: must be a finite number > 0"),
+    ("temperature", "0", lambda t: _config(temperature=0), "temperature=0.0: must be a finite number > 0"),
     ("loss", "kl", lambda t: _config(loss="kl"), "loss='kl': accepted: fkl"),
     ("beta", "1.5", lambda t: _config(beta=1.5), "beta=1.5: must be in [0, 1]"),
     ("teacher_mode", "offline", lambda t: _config(teacher_mode="offline"), "teacher_mode='offline': accepted"),
@@ -108,10 +109,10 @@ CASES = [
     ("student", "gpt-5", lambda t: _config(student="gpt-5"), "student='gpt-5': accepted"),
     ("precision", "half", lambda t: _config(precision="half"), "precision='half': accepted"),
     ("STLM_NB_PRECISION", "half", _precision_env, "STLM_NB_PRECISION='half': accepted"),
-    ("num_epochs", "0", lambda t: _config(num_epochs=0), "num_epochs=0: must be a finite number > 0 (or set max_steps)"),
+    ("num_train_epochs", "0", lambda t: _config(num_train_epochs=0), "num_train_epochs=0.0: must be a finite number > 0 (or set max_steps)"),
     ("max_steps", "0", lambda t: _config(max_steps=0), "max_steps=0: must be a positive int, or -1"),
-    ("save_steps", "0", lambda t: _config(save_steps=0), "save_steps=0: must be a positive int (the end of training is always saved)"),
-    ("logging_steps", "0", lambda t: _config(logging_steps=0), "logging_steps=0: must be a positive int"),
+    ("save_steps", "0", lambda t: _config(save_steps=0), "save_steps=0.0: must be a positive int (the end of training is always saved)"),
+    ("logging_steps", "0", lambda t: _config(logging_steps=0), "logging_steps=0.0: must be a positive int"),
     ("learning_rate", "nan", lambda t: _config(learning_rate=math.nan), "learning_rate=nan: must be a finite number"),
     ("weight_decay", "-0.1", lambda t: _config(weight_decay=-0.1), "weight_decay=-0.1"),
     ("mixture", "doremi", lambda t: _config(mixture="doremi"), "mixture='doremi': accepted: 'none', 'static', 'dynamic'"),

@@ -41,14 +41,14 @@ def test_cli_ddp_two_processes_match_one(tmp_path, env):
     common = ("--max_steps", "6", "--baseline", "false", "--learning_rate", "1e-3")
     ddp_out, one_out = tmp_path / "ddp", tmp_path / "one"
     r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533", "-m", "stlm_nb.trainer",
-                        "--smoke", "true", "--out_dir", str(ddp_out), "--batch_size", "4", *common],
+                        "--smoke", "true", "--out_dir", str(ddp_out), "--per_device_train_batch_size", "4", *common],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     r0 = json.loads((ddp_out / "rank0-kd-seed0.json").read_text())
     r1 = json.loads((ddp_out / "rank1-kd-seed0.json").read_text())
     assert r0["param_sum"] == r1["param_sum"]           # DDP keeps the replicas identical
     assert r0["eval_all"]["nll"] == r1["eval_all"]["nll"]
-    r = subprocess.run(_cmd(one_out, "--batch_size", "8", *common), env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cmd(one_out, "--per_device_train_batch_size", "8", *common), env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     one = json.loads((one_out / "metrics.json").read_text())["runs"]["kd-seed0"]
     ddp = json.loads((ddp_out / "metrics.json").read_text())["runs"]["kd-seed0"]
@@ -73,8 +73,8 @@ def test_cli_ddp_online_teacher(tmp_path, env):
     src = __import__("stlm_nb.models", fromlist=["cache_dir"]).cache_dir() / "teachers"
     teachers.symlink_to(src)  # the converted teacher is reused; the teacher caches start empty
     r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29534", "-m", "stlm_nb.trainer",
-                        "--smoke", "true", "--out_dir", str(tmp_path / "run"), "--batch_size", "4", "--max_steps", "2",
-                        "--baseline", "false", "--teacher_mode", "online", "--eval_tasks_per_domain", "0"],
+                        "--smoke", "true", "--out_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "4", "--max_steps", "2",
+                        "--baseline", "false", "--teacher_mode", "online", "--tasks_per_domain", "0"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert not list((tmp_path / "cache" / "teacher_cache").glob("*.partial"))

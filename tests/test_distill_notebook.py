@@ -12,7 +12,7 @@ def test_distill_notebook_smoke(tmp_path):
     pm.execute_notebook(str(ROOT / "nbs" / "distill.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters={"smoke": True, "out_dir": str(out), "alpha": 0.3}, cwd=str(ROOT), progress_bar=False)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["config"]["alpha"] == 0.3 and metrics["config"]["smoke"] is True
+    assert metrics["config"]["kd"]["alpha"] == 0.3 and metrics["config"]["run"]["smoke"] is True and metrics["experiment"] == "distill"
     assert set(metrics["runs"]) == {"kd-seed0", "ce-seed0"}
     # teacher far better than a student trained for seconds; both finite
     t, s = metrics["teacher"]["smollm2-135m"]["all"]["bpb"], metrics["runs"]["kd-seed0"]["eval"]["all"]["bpb"]

@@ -43,7 +43,7 @@ def test_prune_notebook_smoke(tmp_path, tiny_source):
     assert m["max_abs_logit_diff_masked_vs_shrunk"] <= 1e-4 * max(1.0, m["max_abs_logit"])
     assert m["precision"]["name"] == (os.environ.get("STLM_NB_PRECISION", "").strip().lower() or "fp32")  # CPU: fp32 unless set
     assert m["precision"]["student_autocast"] == (m["precision"]["name"] == "bf16")
-    assert m["parameters"]["pruned"] == m["parameters"]["scratch"]
+    assert m["model_parameters"]["pruned"] == m["model_parameters"]["scratch"] and m["experiment"] == "prune"
     assert m["tokens"]["scratch"] >= m["tokens"]["prune"] + m["tokens"]["cpt"]
     for arm in ("source", "pruned", "pruned+cpt", "scratch"):
         assert 0 < m["eval"][arm]["all"]["bpb"] < 30

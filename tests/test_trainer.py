@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from stlm_nb.losses import SparseTeacherLogits
 from stlm_nb.models import make_student
-from stlm_nb.trainer import DistillationTrainer, collate_blocks
+from stlm_nb.data import collate_blocks
+from stlm_nb.trainer import DistillationTrainer, KDConfig
 
 
 class PoisonedCache:
@@ -29,7 +30,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
                              report_to="none", use_cpu=True, remove_unused_columns=False, save_strategy="steps")
     trainer = DistillationTrainer(model=make_student("llama-tiny", vocab_size=50), args=args, train_dataset=ds,
                                   data_collator=collate_blocks, teacher_caches=[PoisonedCache(torch.randn(8, 16, 50), bad_call=3)],
-                                  alpha=0.5)
+                                  kd=KDConfig(alpha=0.5))
     with pytest.raises(RuntimeError, match=r"non-finite loss nan at step 2"):
         trainer.train()
     good = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2")   # the last good checkpoint loads
@@ -48,7 +49,7 @@ def test_single_cached_teacher_takes_the_fused_path(tmp_path, monkeypatch):
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=2, report_to="none", use_cpu=True,
                              remove_unused_columns=False, save_strategy="no")
     DistillationTrainer(model=make_student("llama-tiny", vocab_size=50), args=args, train_dataset=ds, data_collator=collate_blocks,
-                        teacher_caches=[PoisonedCache(torch.randn(4, 16, 50), bad_call=10**9)], alpha=0.5).train()
+                        teacher_caches=[PoisonedCache(torch.randn(4, 16, 50), bad_call=10**9)], kd=KDConfig(alpha=0.5)).train()
     assert len(calls) == 2
 
 
@@ -56,10 +57,10 @@ def test_hint_loss_with_online_teacher_trains_projector_beside_student(tmp_path)
     "hint_weight > 0: the projector trains (its part is logged) and the exported student has exactly the preset's size."
     from stlm_nb.models import count_parameters
     from stlm_nb.trainer import DistillConfig, run_distillation
-    m = run_distillation(DistillConfig(smoke=True, teacher_mode="online", hint_weight=0.5, hint_layers="1:10,2:30",
-                                       max_steps=2, baseline=False, out_dir=str(tmp_path)))
+    m = run_distillation(DistillConfig.from_parameters(smoke=True, teacher_mode="online", hint_weight=0.5, hint_layers="1:10,2:30",
+                                                       max_steps=2, baseline=False, out_dir=str(tmp_path)))
     logged = [h for h in m["runs"]["kd-seed0"]["log_history"] if "train_hint" in h]
     assert logged and all(h["train_hint"] > 0 for h in logged)
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "kd-seed0" / "final")
-    assert count_parameters(final) == m["parameters"]["student"]
+    assert count_parameters(final) == m["model_parameters"]["student"]
     assert not any("hint" in n for n, _ in final.named_parameters())
