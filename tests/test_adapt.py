@@ -33,8 +33,8 @@ def test_adapted_teachers_distil_through_cache_and_ensemble(tmp_path, tokenizers
     b = _teacher_dir(tmp_path / "gpt2-adapted", teacher_tok, student_tok, "gpt2", "random")
     model, tok = load_teacher(a)
     assert tok.get_vocab() == student_tok.get_vocab() and model.config.vocab_size == len(student_tok)
-    m = run_distillation(DistillConfig(teachers=[str(a), str(b)], tokenizer=str(a), smoke=True, max_steps=2, baseline=False,
-                                       out_dir=str(tmp_path / "run")))
+    m = run_distillation(DistillConfig.from_parameters(teachers=[str(a), str(b)], tokenizer=str(a), smoke=True, max_steps=2, baseline=False,
+                                                       out_dir=str(tmp_path / "run")))
     assert set(m["teacher"]) == {str(a), str(b)}
     for name in (str(a), str(b)):  # each teacher's held-out loss comes from its own cache: finite, and not the same model
         assert 0 < m["teacher"][name]["all"]["bpb"] < 50
@@ -50,7 +50,7 @@ def test_unadapted_teacher_is_refused(tmp_path, tokenizers):
     t.save_pretrained(raw); teacher_tok.save_pretrained(raw)
     adapted = _teacher_dir(tmp_path / "adapted", teacher_tok, student_tok, "llama", "spelled")
     with pytest.raises(ValueError, match="adapt the teacher first"):
-        run_distillation(DistillConfig(teachers=[str(raw)], tokenizer=str(adapted), smoke=True, out_dir=str(tmp_path / "run")))
+        run_distillation(DistillConfig.from_parameters(teachers=[str(raw)], tokenizer=str(adapted), smoke=True, out_dir=str(tmp_path / "run")))
 
 
 @pytest.mark.slow  # three 135M-parameter models evaluated: ~1.5 min alone, ~5 min on the shared 2-core CPU (`pytest -m slow`)

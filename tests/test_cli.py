@@ -70,7 +70,7 @@ def test_cli_ddp_online_teacher(tmp_path, env):
     "An online teacher under DDP: rank 0 builds the held-out cache (fresh cache dir), the other rank waits and opens it."
     env = dict(env, OMP_NUM_THREADS="1", STLM_NB_CACHE=str(tmp_path / "cache"))
     teachers = tmp_path / "cache" / "teachers"; teachers.parent.mkdir()
-    src = __import__("stlm_nb.models", fromlist=["cache_dir"]).cache_dir() / "teachers"
+    src = __import__("stlm_nb.runs", fromlist=["cache_dir"]).cache_dir() / "teachers"
     teachers.symlink_to(src)  # the converted teacher is reused; the teacher caches start empty
     r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29534", "-m", "stlm_nb.trainer",
                         "--smoke", "true", "--out_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "4", "--max_steps", "2",

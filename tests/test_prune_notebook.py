@@ -58,7 +58,7 @@ def test_prune_notebook_smoke(tmp_path, tiny_source):
 
 @pytest.mark.parametrize("param,value,message", [("hidden_size", 1000, "hidden_size=1000: must be an int in [1, 576]")])  # target vs source
 def test_prune_notebook_bad_parameters_fail_early(tmp_path, param, value, message):
-    "A target that does not fit the source fails before any data, model or output directory is touched (config errors: 08_pruning)."
+    "A target that does not fit the source fails before any data, model or output directory is touched (config errors: 10_pruning)."
     with pytest.raises(pm.PapermillExecutionError) as e:
         pm.execute_notebook(str(ROOT / "nbs" / "prune.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(ROOT), progress_bar=False,
                             parameters={"smoke": True, "out_dir": str(tmp_path / "run"), param: value})
