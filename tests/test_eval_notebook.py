@@ -7,23 +7,18 @@ import json
 import papermill as pm
 import pytest
 from conftest import ROOT
+from transformers import AutoTokenizer
 from stlm_nb.models import load_teacher_tokenizer, make_student
 
 NB = str(ROOT / "nbs" / "eval_models.ipynb")
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    "The kernel inherits it: tiny models gain nothing from threads, and on a busy shared CPU spinning threads cost 2-3x."
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the kernels run one thread each
 
 
 def _run(tmp_path, name, params):
     return pm.execute_notebook(NB, str(tmp_path / f"{name}.ipynb"), parameters=params, cwd=str(ROOT), progress_bar=False)
 
 
-def _save(tmp_path, name, preset, seed):
-    tok = load_teacher_tokenizer("smollm2-135m")
+def _save(tmp_path, name, preset, seed, tok):
     d = tmp_path / name
     make_student(preset, tokenizer=tok, seed=seed).save_pretrained(d); tok.save_pretrained(d)
     return d
@@ -49,16 +44,21 @@ def _check_run(out, m, names):
     assert "floor" in (out / "summary.md").read_text()
 
 
-def test_eval_models_notebook_smoke(tmp_path):
-    "Seconds: a tiny saved model stands in for the teacher (the packaged teacher's run is the slow test below)."
-    teacher, student = _save(tmp_path, "teacher", "llama-tiny", 1), _save(tmp_path, "student", "llama-tiny", 3)
+def test_eval_models_notebook_smoke(tmp_path, tiny_teacher):
+    "Seconds: a tiny trained teacher with a 512-token BPE stands in for the packaged one (its run is the slow test below)."
+    teacher, student = str(tiny_teacher), _save(tmp_path, "student", "llama-tiny", 3, AutoTokenizer.from_pretrained(tiny_teacher))
     out = tmp_path / "run"
-    params = {"smoke": True, "out_dir": str(out), "teachers": [str(teacher)], "students": [str(student)], "student_names": ["tiny"]}
+    params = {"smoke": True, "out_dir": str(out), "teachers": [teacher], "students": [str(student)], "student_names": ["tiny"]}
     _run(tmp_path, "out", params)
     m = json.loads((out / "metrics.json").read_text())
-    _check_run(out, m, [str(teacher), "tiny", "untrained llama-tiny"])
+    _check_run(out, m, [teacher, "tiny", "untrained llama-tiny"])
     # a student of the teachers' floor preset on the same tokenizer: its own floor (an untrained copy of its config) is the same
-    assert [r["floor"] for r in m["models"]["tiny"]["tasks"]] == [r["floor"] for r in m["models"][str(teacher)]["tasks"]]
+    assert [r["floor"] for r in m["models"]["tiny"]["tasks"]] == [r["floor"] for r in m["models"][teacher]["tasks"]]
+    assert all(r["vocab_size"] == 512 for r in m["models"].values())
+    # the trained teacher beats both untrained models, which sit near the uniform floor (log2 512 bits per token)
+    bpb = {k: r["bits_per_byte"]["all"] for k, r in m["models"].items()}
+    assert bpb[teacher]["bpb"] < min(bpb["tiny"]["bpb"], bpb["untrained llama-tiny"]["bpb"]) - 0.3
+    for b in bpb.values(): assert 0.5 < b["bpb"] * b["bytes"] / b["tokens"] / 9 < 1.1
     # papermill's `-p overwrite false` arrives as the string "false": it must mean False, so the completed run is kept
     with pytest.raises(pm.PapermillExecutionError) as e:
         _run(tmp_path, "again", dict(params, overwrite="false"))
@@ -67,7 +67,7 @@ def test_eval_models_notebook_smoke(tmp_path):
 
 @pytest.mark.slow  # the packaged 135M teacher scored, and run again for teacher agreement: minutes on the shared 2-core CPU
 def test_eval_models_notebook_packaged_teacher(tmp_path):
-    student = _save(tmp_path, "student", "llama-tiny", 3)
+    student = _save(tmp_path, "student", "llama-tiny", 3, load_teacher_tokenizer("smollm2-135m"))
     out = tmp_path / "run"
     _run(tmp_path, "out", {"smoke": True, "out_dir": str(out), "students": [str(student)], "student_names": ["tiny"]})
     m = json.loads((out / "metrics.json").read_text())
