@@ -5,7 +5,7 @@ from stlm_nb.adapt import adapt_vocabulary
 from stlm_nb.eval import bits_per_byte, heldout_documents
 from stlm_nb.models import load_teacher
 from stlm_nb.tokenizer import load_tokenizer
-m = json.load(open("figures/adapt/metrics.json")); p = m["params"]
+m = json.load(open("figures/adapt/metrics.json")); p = m.get("config") or m["params"]  # "params": metrics.json written before the common header
 def _cap(ds, max_bytes):
     have, keep = {}, []
     for r in ds:

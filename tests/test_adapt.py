@@ -59,7 +59,7 @@ def _run_notebook(tmp_path, **params):
     pm.execute_notebook(str(ROOT / "nbs" / "adapt_teacher.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters={"smoke": True, "out_dir": str(out), **params}, cwd=str(ROOT), progress_bar=False)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["params"]["smoke"] is True and m["params"]["inits"] == ["spelled", "random"]
+    assert m["experiment"] == "adapt_teacher" and m["config"]["smoke"] is True and m["config"]["inits"] == ["spelled", "random"]
     assert m["precision"]["name"] in ("fp32", "bf16") and "torch" in m["versions"]
     assert set(m["bpb"]) == {"original", "adapted-spelled", "adapted-random"}
     # spelled starts far closer to the teacher than random (most rows are copies of the teacher's own)
@@ -75,7 +75,7 @@ def _run_notebook(tmp_path, **params):
 def test_adapt_teacher_notebook_smoke(tmp_path, tiny_teacher):
     "Seconds: a tiny trained teacher with a 512-token BPE is adapted (the packaged teacher's run is the slow test below)."
     m = _run_notebook(tmp_path, teacher=str(tiny_teacher))
-    tk, p = m["tokenizers"], m["parameters"]
+    tk, p = m["tokenizers"], m["model_parameters"]
     assert tk["teacher_vocab"] == 512 and tk["student_vocab"] == 2_000 == sum(tk["spelling"].values())
     assert tk["spelling"]["exact"] > 250                               # byte-level BPEs share the 256 byte symbols at least
     assert p["adapted"]["non_embedding"] == p["teacher"]["non_embedding"] and p["trainable"] == p["adapted"]["embedding"] == 2_000 * 32

@@ -30,11 +30,11 @@ def _check_run(out, m, names):
     assert tiny["agreement_with_first_teacher"]["all"]["fkl"] > 0                         # shares the teacher's tokenizer
     assert m["precision"]["name"] in ("fp32", "bf16") and m["precision"]["source"] in ("rule", "environment")
     assert teacher["dtype"] == m["precision"]["teacher_dtype"]
-    assert m["parameters"]["n_per_domain"] == 1 and m["tasks"] == {"continuation": 9, "minimal_pairs": 9}
+    assert m["experiment"] == "eval_models" and m["config"]["tasks_per_domain"] == 1 and m["tasks"] == {"continuation": 9, "minimal_pairs": 9}
     assert m["resolvable_difference"]["minimal_pairs"]["n"] == 9
     rows = {(r["task"], r["metric"]): r for r in teacher["tasks"] if r["domain"] == "all"}
     assert ("continuation", "acc_norm") in rows and ("minimal_pairs", "acc") in rows
-    assert m["parameters"]["floor_seeds"] == [0, 1] and teacher["floor"]["seeds"] == [0, 1]
+    assert m["config"]["floor_seeds"] == [0, 1] and teacher["floor"]["seeds"] == [0, 1]
     assert all(0 <= r["floor"] <= 1 and r["floor_std"] >= 0 for r in teacher["tasks"])     # a floor beside every score
     # the untrained row's floor is the teachers' floor (llama-tiny on the teacher's tokenizer, the same seeds)
     assert [r["floor"] for r in teacher["tasks"]] == [r["floor"] for r in untrained["tasks"]]
@@ -42,6 +42,7 @@ def _check_run(out, m, names):
               "tasks_per_domain.csv", "offline_tasks/continuation.jsonl", "run_config.json"):
         assert (out / f).stat().st_size > 0
     assert "floor" in (out / "summary.md").read_text()
+    assert (out / "verdict.txt").read_text().startswith(names[0] + ":") and "between two models" in m["verdict"]
 
 
 def test_eval_models_notebook_smoke(tmp_path, tiny_teacher):
@@ -75,7 +76,7 @@ def test_eval_models_notebook_packaged_teacher(tmp_path):
     assert m["models"]["smollm2-135m"]["bits_per_byte"]["all"]["bpb"] < m["models"]["tiny"]["bits_per_byte"]["all"]["bpb"]
 
 
-@pytest.mark.parametrize("name,value,message", [("n_per_domain", "many", "n_per_domain='many'"),
+@pytest.mark.parametrize("name,value,message", [("tasks_per_domain", "many", "tasks_per_domain='many'"),
                                                 ("overwrite", "maybe", "overwrite='maybe'")])
 def test_eval_models_notebook_bad_parameter(tmp_path, name, value, message):
     with pytest.raises(pm.PapermillExecutionError) as e:

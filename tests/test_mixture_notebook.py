@@ -13,10 +13,10 @@ def test_mixture_notebook_smoke(tmp_path, tiny_teacher, monkeypatch):
     monkeypatch.setenv("STLM_NB_CACHE", str(tmp_path / "cache"))  # the kernel's teacher cache of this throw-away teacher
     out = tmp_path / "run"
     pm.execute_notebook(str(ROOT / "nbs" / "mixture.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(ROOT), progress_bar=False,
-                        parameters={"smoke": True, "out_dir": str(out), "eta": 0.5, "teacher": str(tiny_teacher)})
+                        parameters={"smoke": True, "out_dir": str(out), "mixture_eta": 0.5, "teacher": str(tiny_teacher)})
     m = json.loads((out / "metrics.json").read_text())
     c = m["configs"]
-    assert m["parameters"]["eta"] == 0.5 and c["dynamic"]["mixture"]["mixture_eta"] == 0.5
+    assert m["experiment"] == "mixture" and m["config"]["mixture_eta"] == 0.5 and c["dynamic"]["mixture"]["mixture_eta"] == 0.5
     assert c["static"]["mixture"]["mixture"] == "static" and c["dynamic"]["mixture"]["mixture"] == "dynamic"
     assert c["static"]["kd"]["teachers"] == [str(tiny_teacher)] and (tmp_path / "cache" / "teacher_cache").is_dir()
     assert c["static"]["run"]["student"] == "llama-tiny" and c["static"]["training"]["max_steps"] == 4  # the smoke's sizes
@@ -46,8 +46,8 @@ def test_mixture_notebook_smoke(tmp_path, tiny_teacher, monkeypatch):
     assert (out / "verdict.txt").read_text().startswith("Dynamic − static")
 
 
-@pytest.mark.parametrize("param,value,message", [("eta", -1.0, "mixture_eta=-1.0: must be a finite number >= 0"),
-                                                 ("update_steps", 0, "mixture_update_steps=0: must be a positive int")])
+@pytest.mark.parametrize("param,value,message", [("mixture_eta", -1.0, "mixture_eta=-1.0: must be a finite number >= 0"),
+                                                 ("mixture_update_steps", 0, "mixture_update_steps=0: must be a positive int")])
 def test_mixture_notebook_bad_parameters_fail_early(tmp_path, param, value, message):
     with pytest.raises(pm.PapermillExecutionError) as e:
         pm.execute_notebook(str(ROOT / "nbs" / "mixture.ipynb"), str(tmp_path / "out.ipynb"),
