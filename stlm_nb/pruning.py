@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import LlamaForCausalLM, Trainer
 
 from .data import collate_blocks
-from .eval import evaluate_blocks
+from .eval import TASKS_PER_DOMAIN, evaluate_blocks
 from .models import count_parameters, load_teacher, load_teacher_tokenizer, resolve_model_path
 from .runs import (PRECISIONS, config_from_parameters, flops_per_token, matmul_parameters, prepare_out_dir, resolve_precision,
                           run_metrics, training_arguments, unwrap_model, write_json)
@@ -464,7 +464,7 @@ class PruneConfig:
     block_size: int = field(default=128, metadata={"help": "tokens per block"})
     train_tokens: int = field(default=24_576, metadata={"help": "distinct training tokens (the distillation job's; its teacher cache is reused)"})
     eval_tokens_per_domain: int = field(default=1_024, metadata={"help": "held-out tokens per domain for bits per byte"})
-    tasks_per_domain: int = field(default=8, metadata={"help": "offline-task items per domain and task (stlm_nb.eval); 0 skips them"})
+    tasks_per_domain: int = field(default=TASKS_PER_DOMAIN, metadata={"help": "offline-task items per domain and task (stlm_nb.eval; 64 -> 576 per task); 0 skips them"})
     seed: int = field(default=0, metadata={"help": "seed of masks' sampling, data order and the baseline's initialisation"})
     precision: str = field(default="auto", metadata={"help": "'auto' ($STLM_NB_PRECISION, else fp32 on CPU / bf16 on CUDA), 'fp32' or 'bf16' (stlm_nb.runs.resolve_precision)"})
     out_dir: str = field(default="runs/prune", metadata={"help": "where models, metrics.json and figures go"})
@@ -570,13 +570,15 @@ def run_pruning(
     # 5. offline tasks (stlm_nb.eval), the same documents for every model
     tasks = {}
     if config.tasks_per_domain > 0:
-        from stlm_nb.eval import evaluate, offline_tasks
+        from stlm_nb.eval import evaluate, offline_tasks, untrained_floor, with_floor
         t0 = time.time()
         suite = offline_tasks(n_per_domain=config.tasks_per_domain)  # built once: the same documents for every model
+        # the untrained floor on the same items, beside every score: the pruned shape, untrained, 3 initialisations
+        floor = untrained_floor(models["scratch"], tokenizer, suite, seed=[0, 1, 2], batch_size=8)
         src, _ = load_teacher(config.source, dtype=torch.float32)
         for name, m in (("source", src), ("pruned", None), ("pruned+cpt", models["pruned+cpt"]), ("scratch", models["scratch"])):
             if m is None: m = LlamaForCausalLM.from_pretrained(out / "pruned").eval()
-            tasks[name] = evaluate(m, tokenizer, suite=suite, batch_size=8).to_dict("records")
+            tasks[name] = with_floor(evaluate(m, tokenizer, suite=suite, batch_size=8), floor).to_dict("records")
         del src; timings["tasks_s"] = time.time() - t0
 
     small_params = count_parameters(models["scratch"])

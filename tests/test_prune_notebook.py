@@ -47,7 +47,7 @@ def test_prune_notebook_smoke(tmp_path, tiny_source):
     assert m["tokens"]["scratch"] >= m["tokens"]["prune"] + m["tokens"]["cpt"]
     for arm in ("source", "pruned", "pruned+cpt", "scratch"):
         assert 0 < m["eval"][arm]["all"]["bpb"] < 30
-        assert set(m["offline_tasks"][arm][0]) == {"task", "domain", "metric", "value", "chance", "n"}
+        assert set(m["offline_tasks"][arm][0]) == {"task", "domain", "metric", "value", "floor", "floor_std", "chance", "n"}
     assert any("lambda_1_hidden" in h for h in m["histories"]["prune"])
     for name in ("expected_sparsity", "expected_size", "lambdas", "training_curves", "bpb_per_domain", "offline_tasks"):
         assert 1_000 < (out / f"{name}.html").stat().st_size < 100_000 and (out / "plotly.min.js").exists()  # shared plotly.js
