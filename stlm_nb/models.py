@@ -24,7 +24,7 @@ from .tokenizer import locate_pretrained
 # %% auto #0
 __all__ = ['STUDENT_PRESETS', 'TEACHERS', 'DEFAULT_TEACHER', 'student_config', 'make_student', 'count_parameters',
            'PackagedTeacher', 'packaged_teacher_dir', 'resolve_model_path', 'load_model_config', 'load_teacher',
-           'load_teacher_tokenizer']
+           'load_teacher_tokenizer', 'student_model_config', 'check_student_vocab', 'load_student']
 
 # %% ../nbs/03_models.ipynb #5cbbd0bc
 STUDENT_PRESETS: dict[str, dict] = {
@@ -213,3 +213,86 @@ def load_teacher_tokenizer(
     try: return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"{parameter}={os.fspath(name_or_path)!r}: cannot load a tokenizer from {path!r} ({error_summary(e)})") from None
+
+# %% ../nbs/03_models.ipynb #5e1d0b02
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+def _student_kind(student)->str:
+    "'preset', 'config', 'config_file', 'directory' or 'hub' (a hub id is not checked here)."
+    if isinstance(student, PretrainedConfig): return "config"
+    if not isinstance(student, (str, os.PathLike)):
+        raise ValueError(f"student={student!r}: accepted: a preset name ({', '.join(STUDENT_PRESETS)}), a PretrainedConfig, "
+                         "a config.json path, a save_pretrained directory or a hub id")
+    s = os.fspath(student)
+    if isinstance(student, str) and s in STUDENT_PRESETS: return "preset"
+    p = Path(s).expanduser()
+    if p.is_file():
+        if p.suffix != ".json": raise ValueError(f"student={s!r}: a file that is not a config.json; accepted: a preset, a config.json path, a save_pretrained directory or a hub id")
+        return "config_file"
+    return "directory" if p.is_dir() else "hub"
+
+def _student_path(student, parameter:str)->str:
+    "The directory or hub id of a `directory`/`hub` student, checked before anything loads (one-line ValueError)."
+    return locate_pretrained(student, parameter, ("config.json",),
+                             fix=f"pass a student preset ({', '.join(STUDENT_PRESETS)}), a config.json path, a local save_pretrained directory or an existing hub id",
+                             offline_fix="pass a student preset, a config.json path or a local save_pretrained directory",
+                             tried="not a student preset, ")
+
+def student_model_config(
+    student, # a preset name (`STUDENT_PRESETS`), a `PretrainedConfig`, a config.json path, a save_pretrained directory or a hub id
+    vocab_size:int|None=None, # presets only: the vocabulary (e.g. `len(tokenizer)`); ignored for the others (their config has one)
+    parameter:str="student", # the parameter an error names
+    trust_remote_code:bool=False, # never on by default
+)->PretrainedConfig: # the student's architecture, read without any weights
+    "The `transformers` config of any student spec, before any weights load; ValueError naming `student` when it cannot be read."
+    kind = _student_kind(student)
+    if kind == "preset": return student_config(student, vocab_size)
+    if kind == "config": return student
+    src = str(Path(os.fspath(student)).expanduser()) if kind == "config_file" else _student_path(student, parameter)
+    try: return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{parameter}={os.fspath(student)!r}: cannot read a model config ({error_summary(e)})") from None
+
+def check_student_vocab(
+    config:PretrainedConfig, # the student's (`student_model_config`)
+    vocab_size:int, # the tokenizer's vocabulary, shared with the teachers (`len(tokenizer)`)
+    student="student", # how the error names the student (its spec)
+    teachers:list|None=None, # teacher names, for the message
+)->None:
+    "ValueError naming both sizes (and vocabulary adaptation) when the student's embedding rows differ from the tokenizer's vocabulary."
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    v = getattr(cfg, "vocab_size", None)
+    if v != vocab_size:
+        who = f"the teacher(s) {', '.join(map(str, teachers))} and their tokenizer" if teachers else "the tokenizer"
+        raise ValueError(f"student={os.fspath(student) if isinstance(student, (str, os.PathLike)) else type(student).__name__!r}: "
+                         f"its vocabulary has {v} tokens, {who} {vocab_size}: logits must match position by position. Adapt the "
+                         f"teacher to the student's tokenizer first (stlm_nb.adapt, nbs/adapt_teacher.ipynb) and pass tokenizer=<that "
+                         f"tokenizer>, or choose a student with {vocab_size} tokens (a preset takes the tokenizer's size)")
+
+def load_student(
+    student, # as for `student_model_config`
+    tokenizer=None, # presets and configs: sets the vocabulary and bos/eos/pad ids; every kind: its vocabulary is checked
+    seed:int=0, # initialisation seed (presets, configs, a directory without weights); unused when weights are loaded
+    parameter:str="student",
+    trust_remote_code:bool=False, # never on by default
+)->PreTrainedModel: # float32, train mode
+    """A student model from any spec: a preset or a config → freshly initialised from `seed`; a save_pretrained directory
+    with weights or a hub id → those weights (`from_pretrained`). ValueError for an unreadable spec or a vocabulary that
+    differs from `tokenizer`'s."""
+    kind = _student_kind(student)
+    if kind == "preset": return make_student(student, tokenizer=tokenizer, seed=seed)
+    if kind in ("directory", "hub"): path = _student_path(student, parameter)
+    has_weights = kind == "hub" or (kind == "directory" and any((Path(path) / f).is_file() for f in _WEIGHT_FILES))
+    config = student_model_config(student, parameter=parameter, trust_remote_code=trust_remote_code)
+    if tokenizer is not None: check_student_vocab(config, len(tokenizer), student)
+    if has_weights:
+        try: model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{parameter}={os.fspath(student)!r}: cannot load a model from {path!r} ({error_summary(e)})") from None
+    else:
+        config = config.__class__.from_dict(config.to_dict())  # a copy: the caller's config is not changed
+        if tokenizer is not None:
+            config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return model.float().train()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
 
 from . import data as D
 from .eval import (TASKS_PER_DOMAIN, evaluate as evaluate_tasks, evaluate_blocks, offline_tasks, teacher_bpb,
@@ -23,7 +23,7 @@ from .eval import (TASKS_PER_DOMAIN, evaluate as evaluate_tasks, evaluate_blocks
 from .cache import TeacherCache, build_teacher_cache, cache_key, fingerprint_blocks, key_hash
 from .losses import KD_KINDS, HintProjector, distillation_loss, hint_loss, uniform_layer_map
 from .models import (STUDENT_PRESETS, count_parameters, load_model_config, load_teacher, load_teacher_tokenizer,
-                            make_student, student_config)
+                            load_student, make_student, student_config, student_model_config, check_student_vocab)
 from .runs import (PRECISIONS, Precision, cache_dir, coerce, flops_per_token, matmul_parameters, paired_stats,
                           prepare_out_dir, resolve_precision, run_metrics, training_arguments, unwrap_model, write_json)
 from .mixture import DomainMixtureSampler, DomainWeightCallback, attach_domain_mixture
@@ -122,7 +122,7 @@ class MixtureConfig:
 @dataclass
 class RunConfig:
     "The experiment around the objective: which student, paired seeds, precision, where results go."
-    student: str = field(default="llama-7m", metadata={"help": f"student preset: {', '.join(STUDENT_PRESETS)}"})
+    student: str = field(default="llama-7m", metadata={"help": f"a student preset ({', '.join(STUDENT_PRESETS)}), a config.json path, a save_pretrained directory (its weights are loaded, e.g. a pruned model) or a hub id; from Python also a PretrainedConfig"})
     tokenizer: str = field(default="teacher", metadata={"help": "'teacher' (the first teacher's) or a tokenizer directory / hub id"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "paired seeds: KD and CE-only students share init and data order per seed"})
     baseline: bool = field(default=True, metadata={"help": "also train the CE-only student (alpha=1) on the same tokens"})
@@ -132,7 +132,9 @@ class RunConfig:
     smoke: bool = field(default=False, metadata={"help": "apply DistillConfig.SMOKE: seconds, not minutes (tests)"})
 
     def __post_init__(self):
-        if self.student not in STUDENT_PRESETS: _bad(self, "student", f"accepted: {', '.join(STUDENT_PRESETS)}")
+        from transformers import PretrainedConfig
+        if not (isinstance(self.student, (str, PretrainedConfig)) and self.student != ""):  # which kind, and whether it exists: check_run
+            _bad(self, "student", f"accepted: a preset ({', '.join(STUDENT_PRESETS)}), a config.json path, a save_pretrained directory, a hub id or a PretrainedConfig")
         if str(self.precision).lower() not in PRECISIONS: _bad(self, "precision", f"accepted: {', '.join(map(repr, PRECISIONS))}")
         if not self.seeds: _bad(self, "seeds", "at least one seed")
 
@@ -217,7 +219,8 @@ class DistillConfig:
         for k, v in params.items(): per.setdefault(self.section_of(k), {})[k] = v
         for s, sub in per.items():
             hints = _field_types(type(getattr(self, s)))
-            setattr(self, s, dataclasses.replace(getattr(self, s), **{k: coerce(k, v, hints[k]) for k, v in sub.items()}))
+            setattr(self, s, dataclasses.replace(getattr(self, s), **{k: v if k == "student" and not isinstance(v, str) else coerce(k, v, hints[k])
+                                                                      for k, v in sub.items()}))  # a PretrainedConfig student stays one
 
     def replace(self, **params)->DistillConfig:
         "A copy with knobs replaced by their flat names (`config.replace(alpha=0.3, learning_rate=1e-3)`), each coerced to its type."
@@ -235,8 +238,14 @@ class DistillConfig:
         "From the command line: `HfArgumentParser` over the six sections (flat flags: `--alpha 0.3 --learning_rate 1e-3`)."
         return cls(*HfArgumentParser(tuple(cls.SECTIONS.values())).parse_args_into_dataclasses(args=argv))
 
-    def to_dict(self)->dict: # {section: {knob: value}}: JSON-ready (TrainingArguments via its own `to_dict`)
-        return {s: (getattr(self, s).to_dict() if s == "training" else dataclasses.asdict(getattr(self, s))) for s in self.SECTIONS}
+    def to_dict(self)->dict: # {section: {knob: value}}: JSON-ready (TrainingArguments via its own `to_dict`; a config student as {"config": ...})
+        def section(s):
+            obj = getattr(self, s)
+            if s == "training": return obj.to_dict()
+            if s == "run" and not isinstance(obj.student, str):
+                return {**dataclasses.asdict(dataclasses.replace(obj, student="")), "student": {"config": obj.student.to_dict()}}
+            return dataclasses.asdict(obj)
+        return {s: section(s) for s in self.SECTIONS}
 
 # %% ../nbs/08_trainer.ipynb #5af2c847
 def parse_layer_map(
@@ -538,7 +547,9 @@ def check_run(
         if limit is not None and config.data.block_size > limit:
             raise ValueError(f"block_size={config.data.block_size}: longer than the context of teacher {name!r} "
                              f"(max_position_embeddings={limit}); accepted: 2..{limit}")
-    D.check_block_size(config.data.block_size, student_config(config.run.student, vocab_size=vocab))
+    student = student_model_config(config.run.student, vocab_size=vocab)  # a preset, a config, a directory or a hub id: no weights
+    check_student_vocab(student, vocab, config.run.student, config.kd.teachers)
+    D.check_block_size(config.data.block_size, student)
     if config.data.corpus is not None:  # every corpus file scanned (file and line of the first bad record)
         files = D.corpus_files(config.data.corpus)
         for d in (config.data.domains or files):
@@ -576,7 +587,7 @@ def run_distillation(
             t0, name = time.time(), f"{arm}-seed{seed}"
             args = training_arguments(out / name, seed, precision, base=config.training, n_train_blocks=len(data["train"]),
                                       world_size=state.num_processes)
-            student, log = train_student(make_student(config.run.student, tokenizer=tokenizer, seed=seed),
+            student, log = train_student(load_student(config.run.student, tokenizer, seed=seed),
                                          dataclasses.replace(config.kd, alpha=alpha), args, data, signals, tokenizer,
                                          hint=config.hint, mixture=config.mixture, world_size=state.num_processes)
             result = evaluate_student(student, data, signals, tasks, tokenizer, batch_size=args.per_device_eval_batch_size)
@@ -586,9 +597,11 @@ def run_distillation(
                 write_json(out / f"rank{state.process_index}-{name}.json", {"eval_all": result["eval"]["all"],
                            "param_sum": float(sum(p.double().sum() for p in student.parameters()))})
     paired_bpb, paired_tasks = paired_differences(runs, config.run.seeds)
-    # the untrained floor on the same items: untrained students of the same preset, one per seed (mean and spread)
-    floor = untrained_floor(config.run.student, tokenizer, tasks, seed=list(config.run.seeds)).to_dict("records") if tasks else []
-    reference = make_student(config.run.student, tokenizer=tokenizer)  # counted as exported: no hint projector
+    # the untrained floor on the same items: untrained students of the same architecture, one per seed (mean and spread)
+    arch = student_model_config(config.run.student, vocab_size=len(tokenizer))
+    floor = untrained_floor(config.run.student if isinstance(config.run.student, str) and config.run.student in STUDENT_PRESETS else arch,
+                            tokenizer, tasks, seed=list(config.run.seeds)).to_dict("records") if tasks else []
+    with torch.device("meta"): reference = AutoModelForCausalLM.from_config(arch)  # counted as exported: no hint projector
     metrics = run_metrics("distill", config.to_dict(), precision, {**timings, "total_s": time.time() - t_start},
         world_size=state.num_processes, corpus={"domain_stats": data["stats"], **{f"{s}_blocks": len(data[s]) for s in ("train", "validation", "steering") if s in data}},
         model_parameters={"student": count_parameters(reference)},

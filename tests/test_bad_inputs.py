@@ -65,6 +65,12 @@ def _corpus(tmp, line):
     return _run(tmp, corpus=str(d))
 
 
+def _student_vocab(tmp):
+    from stlm_nb.models import student_config
+    student_config("llama-tiny", vocab_size=300).to_json_file(tmp / "student.json")
+    return _run(tmp, student=str(tmp / "student.json"))
+
+
 def _damaged_cache(tmp, how):
     "A tiny teacher cache, damaged the way a disk or a careless user would, then opened."
     import torch
@@ -106,7 +112,8 @@ CASES = [
     ("beta", "1.5", lambda t: _config(beta=1.5), "beta=1.5: must be in [0, 1]"),
     ("teacher_mode", "offline", lambda t: _config(teacher_mode="offline"), "teacher_mode='offline': accepted"),
     ("teacher_weights", "[1, 2] (one teacher)", lambda t: _config(teacher_weights=[1, 2]), "one non-negative weight per teacher"),
-    ("student", "gpt-5", lambda t: _config(student="gpt-5"), "student='gpt-5': accepted"),
+    ("student", "gpt-5 (offline)", lambda t: _run(t, student="gpt-5"), "student='gpt-5': not a student preset, not a local directory"),
+    ("student", "a config.json with a 300-token vocabulary", _student_vocab, "its vocabulary has 300 tokens, the teacher(s) smollm2-135m and their tokenizer 49152"),
     ("precision", "half", lambda t: _config(precision="half"), "precision='half': accepted"),
     ("STLM_NB_PRECISION", "half", _precision_env, "STLM_NB_PRECISION='half': accepted"),
     ("num_train_epochs", "0", lambda t: _config(num_train_epochs=0), "num_train_epochs=0.0: must be a finite number > 0 (or set max_steps)"),
