@@ -5,7 +5,13 @@ Measures, for the default main-job student (llama-7m, teacher vocabulary 49,152,
      vs the online teacher (SmolLM2-135M forward every step);
   2. the KD step with the cached teacher vs the CE-only step (time ratio; target <= 1.15);
   3. the student's achieved FLOP/s (6 * matmul params * tokens per step) as a fraction of a bare fp32
-     matmul's FLOP/s measured in the same process.
+     matmul's FLOP/s measured in the same process;
+  4. a peer row: a Baby Llama-style step (Timiryasov & Tastet 2023, written here from the paper's description:
+     the teacher runs online every step, the KD term is the full-vocabulary KL between softmax(z_t/T) and
+     softmax(z_s/T) with PyTorch's `kl_div(reduction="batchmean")`, times T^2, mixed with the model's own CE
+     loss, alpha = 0.5, T = 2) on the same student, teacher and batch, as a per-step ratio and a per-run ratio
+     (2 epochs x 3 seeds of the KD arm over the main job's 24,576 training tokens; ours pays the teacher once,
+     for the cache, whose build time per block is measured here too).
 
 Run: `python bench/distill_step.py` (writes bench/results/distill_step.{md,json}).
 """
@@ -19,12 +25,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from stlm_nb.cache import build_teacher_cache, cache_key, fingerprint_blocks
 from stlm_nb.losses import distillation_loss
 from stlm_nb.models import count_parameters, load_teacher, make_student
 
 B, T, K, STEPS, WARMUP = 16, 128, 32, 5, 2
+BL_ALPHA, BL_T = 0.5, 2.0                          # Baby Llama's mixing weight and temperature
+RUN_SEEDS, RUN_EPOCHS, RUN_TOKENS = 3, 2, 24_576   # the main job's KD arm
 OUT = Path(__file__).parent / "results"
 
 
@@ -57,7 +66,9 @@ def main():
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     with tempfile.TemporaryDirectory() as d:
         key = cache_key("smollm2-135m", "smollm2-135m", fingerprint_blocks(ids), T, K, (1.0,), str(precision.teacher_dtype))
+        t0 = time.perf_counter()
         cache = build_teacher_cache(teacher, ids, Path(d) / "c", key, vocab_size=V, progress=False)
+        cache_s_per_block = (time.perf_counter() - t0) / len(ids)
         batches = [torch.arange(i * B, (i + 1) * B) for i in range(2)]
         state = {"i": 0}
 
@@ -65,17 +76,23 @@ def main():
             def run():
                 rows = batches[state["i"] % 2]; state["i"] += 1
                 x = ids[rows]
+                if mode == "babyllama":  # the peer: online teacher, HF's own CE, full-vocabulary KL with batchmean
+                    with torch.no_grad(): t_logits = teacher(input_ids=x).logits[..., :V]
+                    out = student(input_ids=x, labels=x)
+                    kd = F.kl_div(F.log_softmax(out.logits / BL_T, -1), F.softmax(t_logits / BL_T, -1), reduction="batchmean") * BL_T ** 2
+                    (BL_ALPHA * out.loss + (1 - BL_ALPHA) * kd).backward(); opt.step(); opt.zero_grad(set_to_none=True)
+                    return
                 if mode == "ce": teacher_signal = None
                 elif mode == "cached": teacher_signal = cache[rows]
                 else:
                     with torch.no_grad(): teacher_signal = teacher(input_ids=x).logits
-                out = distillation_loss(student(input_ids=x).logits, x, teacher_signal, alpha=0.0 if mode != "ce" else 1.0)
+                out = distillation_loss(student(input_ids=x).logits, x, teacher_signal, alpha=0.5 if mode != "ce" else 1.0)
                 out["loss"].backward(); opt.step(); opt.zero_grad(set_to_none=True)
             return run
 
         results = {}
-        for mode in ("ce", "cached", "online", "ce_again"):
-            med, ts = time_steps(step(mode.replace("_again", "")), n=STEPS if mode != "online" else 3)
+        for mode in ("ce", "cached", "online", "babyllama", "ce_again"):
+            med, ts = time_steps(step(mode.replace("_again", "")), n=STEPS if mode not in ("online", "babyllama") else 3)
             results[mode] = {"median_s": med, "tokens_per_s": B * T / med, "all_s": ts}
             print(f"{mode:9s} {med:.3f} s/step  {B * T / med:8.0f} tokens/s", flush=True)
     ce = min(results["ce"]["median_s"], results["ce_again"]["median_s"])  # CE measured before and after: drift check
@@ -87,7 +104,14 @@ def main():
         "cached_over_online_tokens_per_s": results["cached"]["tokens_per_s"] / results["online"]["tokens_per_s"],
         "student_ce_flops_per_s": achieved, "bare_matmul_fp32_flops_per_s": peak,
         "student_fraction_of_matmul": achieved / peak,
+        "babyllama_over_cached_step_time": results["babyllama"]["median_s"] / results["cached"]["median_s"],
     }
+    # per run: the KD arm, 3 seeds x 2 epochs over the main job's training blocks; ours builds the cache once
+    steps = RUN_SEEDS * RUN_EPOCHS * (RUN_TOKENS // T) / B
+    ours = (RUN_TOKENS // T) * cache_s_per_block + steps * results["cached"]["median_s"]
+    peer = steps * results["babyllama"]["median_s"]
+    summary.update(cache_build_s_per_block=cache_s_per_block, run_steps=steps, run_ours_s=ours, run_babyllama_s=peer,
+                   babyllama_over_ours_run_time=peer / ours)
     meta = {"batch": B, "block": T, "k": K, "student": "llama-7m", "teacher": "smollm2-135m", "precision": precision.as_dict(), "vocab": V,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -101,7 +125,10 @@ def main():
               f"| tokens/s cached teacher / online teacher | {summary['cached_over_online_tokens_per_s']:.1f} |",
               f"| student achieved FLOP/s (CE step) | {achieved / 1e9:.1f} GFLOP/s |",
               f"| bare fp32 matmul FLOP/s, same process | {peak / 1e9:.1f} GFLOP/s |",
-              f"| student / bare matmul | {summary['student_fraction_of_matmul']:.2f} |"]
+              f"| student / bare matmul | {summary['student_fraction_of_matmul']:.2f} |",
+              f"| Baby Llama-style step time / our cached KD step time | {summary['babyllama_over_cached_step_time']:.2f} |",
+              f"| Baby Llama-style run time / ours (KD arm, {RUN_SEEDS} seeds x {RUN_EPOCHS} epochs x {RUN_TOKENS:,} tokens; ours incl. the cache build, "
+              f"{cache_s_per_block:.3f} s/block) | {summary['babyllama_over_ours_run_time']:.2f} ({peer:.0f} s vs {ours:.0f} s) |"]
     (OUT / "distill_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
