@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['KD_KINDS', 'ENSEMBLE_MODES', 'divergence', 'SparseTeacherLogits', 'kd_loss_sum_count', 'kd_loss', 'distillation_loss',
-           'ensemble_teacher_logits', 'chunked_kd_loss_sum_count', 'uniform_layer_map', 'HintProjector', 'hint_loss',
-           'universal_logit_distillation_loss']
+           'fused_linear_distillation_loss', 'ensemble_teacher_logits', 'chunked_kd_loss_sum_count',
+           'uniform_layer_map', 'HintProjector', 'hint_loss', 'universal_logit_distillation_loss']
 
 # %% ../nbs/04_losses.ipynb #80255da0
 KD_KINDS = ("fkl", "rkl", "jsd", "sfkl", "srkl", "tvd")  # the divergences `kind=` accepts (table above)
@@ -397,49 +397,58 @@ def kd_loss(
     return total / count.clamp(min=1)
 
 # %% ../nbs/04_losses.ipynb #b7274747
+def _ce_kd_logit_grad(z, targets, row_w, teacher, kind, T, beta, skew, a_ce, a_kd, inplace=False):
+    """(Σ w·CE, Σ w·KD, ∂(a_ce·ΣwCE + a_kd·ΣwKD)/∂z) for (N, V) logits `z` from one softmax, updated in place: `z` itself
+    is overwritten when `inplace` (a chunk of logits nobody else reads). `teacher` None: CE only (KD sum 0)."""
+    dtype, ptr = _compute_dtype(z), z.data_ptr()
+    z = z.detach().to(dtype)                                             # (N, V): no copy for float32 logits
+    inplace = inplace or z.data_ptr() != ptr                             # a converted copy is ours to overwrite
+    lse = torch.logsumexp(z, -1)                                         # (N,) CE normaliser at T = 1
+    ce = (lse - z.gather(-1, targets[:, None]).squeeze(-1)) * row_w      # (N,)
+    if teacher is None:                                                  # CE only: softmax − one-hot, weighted
+        grad = (z if inplace else z.clone()).sub_(lse[:, None]).exp_().mul_((a_ce * row_w)[:, None])
+        grad.scatter_add_(-1, targets[:, None], (-a_ce * row_w)[:, None].to(dtype))
+        return ce.sum().detach(), torch.zeros((), dtype=dtype, device=z.device), grad
+    idx = teacher.indices.long()                                         # (N, k)
+    work = (z if inplace else z.clone()) if T == 1.0 else z / T          # (N, V) z/T: the one working tensor
+    lse_t = lse if T == 1.0 else torch.logsumexp(work, -1)               # (N,) KD normaliser at T
+    log_s_top = work.gather(-1, idx) - lse_t[:, None]                    # (N, k) student log-probs of the teacher's ids
+    work.scatter_(-1, idx, -math.inf)                                    # work now holds the tail's logits only
+    # the tail's log-sum-exp and its softmax r_v = exp(z_v/T − lse_rest), in place (no further (N, V) tensor)
+    m = work.amax(-1)
+    m = torch.where(torch.isfinite(m), m, 0.0)                           # (N,) 0 for an empty tail (k = V)
+    sum_rest = work.sub_(m[:, None]).exp_().sum(-1)                      # (N,) >= 1, or 0 for an empty tail
+    lse_rest = m + sum_rest.log()                                        # (N,) log-sum-exp outside the ids; -inf if empty
+    r = work.div_(sum_rest.clamp_min(torch.finfo(dtype).tiny)[:, None])  # (N, V): 0 at the ids
+    log_q = torch.cat([log_s_top, (lse_rest - lse_t)[:, None]], -1).requires_grad_()  # exact, in log space
+    with torch.enable_grad():
+        kd = divergence(log_q, teacher.log_probs(T, vocab_size=z.shape[-1], dtype=dtype), kind, beta, skew)
+        (g,) = torch.autograd.grad((kd * row_w).sum(), log_q)           # (N, k+1) = w_n · dKD_n/dlog q
+    g = torch.nan_to_num(g)                                              # 0·inf of an empty tail category
+    g_top, g_tail, G = g[:, :-1], g[:, -1], g.sum(-1)
+    s_top, q_tail = log_s_top.exp(), (lse_rest - lse_t).exp()            # q_tail may underflow: it only scales G below
+    # d log q_i/dz_v = (δ_{v,id_i} − s_v)/T ; d log q_tail/dz_v = ([v ∉ ids]·r_v − s_v)/T with s_v = q_tail·r_v outside the
+    # ids ; dCE/dz_v = s1_v − δ_{v,y}
+    tail_coef = a_kd * (g_tail - G * q_tail) / T                         # (N,) multiplies r_v
+    top = a_kd * (g_top - s_top * G[:, None]) / T                        # (N, k)
+    if T == 1.0:                                                         # one (N, V) tensor for both terms: s1_v = q_tail·r_v
+        grad = r.mul_((a_ce * row_w * q_tail + tail_coef)[:, None])
+        grad.scatter_add_(-1, idx, top + (a_ce * row_w)[:, None] * s_top)  # the ids' CE softmax entries (r is 0 there)
+    else:
+        grad = r.mul_(tail_coef[:, None]).add_(torch.sub(z, lse[:, None]).exp_().mul_((a_ce * row_w)[:, None]))
+        grad.scatter_add_(-1, idx, top)
+    grad.scatter_add_(-1, targets[:, None], (-a_ce * row_w)[:, None].to(dtype))
+    return ce.sum().detach(), (kd.detach() * row_w).sum(), grad
+
 class _FusedCESparseKD(torch.autograd.Function):
     """Σ_n w_n·(a_ce·CE_n + a_kd·KD_n) against ONE sparse teacher, with the gradient w.r.t. the (N, V) logits built in
     forward from one softmax (in place): the cost of cross-entropy plus O(N·k). Rows with w_n = 0 cost nothing extra
     and get zero gradient, so the caller never copies the logits to drop masked or last positions."""
     @staticmethod
     def forward(ctx, logits, targets, row_w, teacher, kind, temperature, beta, skew, a_ce, a_kd, out):
-        dtype = _compute_dtype(logits)
-        T = temperature
-        z = logits.detach().to(dtype)                                    # (N, V): no copy for float32 logits
-        idx = teacher.indices.long()                                     # (N, k)
-        lse = torch.logsumexp(z, -1)                                     # (N,) CE normaliser at T = 1
-        ce = (lse - z.gather(-1, targets[:, None]).squeeze(-1)) * row_w  # (N,)
-        work = (z.clone() if z.data_ptr() == logits.data_ptr() else z) if T == 1.0 else z / T   # (N, V) z/T: the one working tensor
-        lse_t = lse if T == 1.0 else torch.logsumexp(work, -1)           # (N,) KD normaliser at T
-        log_s_top = work.gather(-1, idx) - lse_t[:, None]                # (N, k) student log-probs of the teacher's ids
-        work.scatter_(-1, idx, -math.inf)                                # work now holds the tail's logits only
-        # the tail's log-sum-exp and its softmax r_v = exp(z_v/T − lse_rest), in place (no further (N, V) tensor)
-        m = work.amax(-1)
-        m = torch.where(torch.isfinite(m), m, 0.0)                       # (N,) 0 for an empty tail (k = V)
-        sum_rest = work.sub_(m[:, None]).exp_().sum(-1)                  # (N,) >= 1, or 0 for an empty tail
-        lse_rest = m + sum_rest.log()                                    # (N,) log-sum-exp outside the ids; -inf if empty
-        r = work.div_(sum_rest.clamp_min(torch.finfo(dtype).tiny)[:, None])  # (N, V): 0 at the ids
-        log_q = torch.cat([log_s_top, (lse_rest - lse_t)[:, None]], -1).requires_grad_()  # exact, in log space
-        with torch.enable_grad():
-            kd = divergence(log_q, teacher.log_probs(T, vocab_size=z.shape[-1], dtype=dtype), kind, beta, skew)
-            (g,) = torch.autograd.grad((kd * row_w).sum(), log_q)       # (N, k+1) = w_n · dKD_n/dlog q
-        g = torch.nan_to_num(g)                                          # 0·inf of an empty tail category
-        g_top, g_tail, G = g[:, :-1], g[:, -1], g.sum(-1)
-        s_top, q_tail = log_s_top.exp(), (lse_rest - lse_t).exp()        # q_tail may underflow: it only scales G below
-        # d log q_i/dz_v = (δ_{v,id_i} − s_v)/T ; d log q_tail/dz_v = ([v ∉ ids]·r_v − s_v)/T with s_v = q_tail·r_v outside the
-        # ids ; dCE/dz_v = s1_v − δ_{v,y}
-        tail_coef = a_kd * (g_tail - G * q_tail) / T                     # (N,) multiplies r_v
-        top = a_kd * (g_top - s_top * G[:, None]) / T                    # (N, k)
-        if T == 1.0:                                                     # one (N, V) tensor for both terms: s1_v = q_tail·r_v
-            grad = r.mul_((a_ce * row_w * q_tail + tail_coef)[:, None])
-            grad.scatter_add_(-1, idx, top + (a_ce * row_w)[:, None] * s_top)  # the ids' CE softmax entries (r is 0 there)
-        else:
-            grad = r.mul_(tail_coef[:, None]).add_(torch.sub(z, lse[:, None]).exp_().mul_((a_ce * row_w)[:, None]))
-            grad.scatter_add_(-1, idx, top)
-        grad.scatter_add_(-1, targets[:, None], (-a_ce * row_w)[:, None].to(dtype))
+        out["ce_sum"], out["kd_sum"], grad = _ce_kd_logit_grad(logits, targets, row_w, teacher, kind, temperature, beta, skew, a_ce, a_kd)
         ctx.save_for_backward(grad)
         ctx.logits_dtype = logits.dtype
-        out["ce_sum"], out["kd_sum"] = ce.sum().detach(), (kd.detach() * row_w).sum()
         return a_ce * out["ce_sum"] + a_kd * out["kd_sum"]
 
     @staticmethod
@@ -523,6 +532,85 @@ def distillation_loss(
     kd = kd_sum / denom
     scale = float(temperature) ** 2 if t_squared else 1.0
     return {"loss": alpha * ce + (1 - alpha) * scale * kd, "ce": ce.detach(), "kd": kd.detach()}
+
+# %% ../nbs/04_losses.ipynb #f1a0c002
+class _FusedLinearCEKD(torch.autograd.Function):
+    "Σ w·(a_ce·CE + a_kd·KD) of `hidden @ weight.T + bias`, chunk by chunk; gradients built in forward, one chunk of logits alive."
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, row_w, teacher, options, out):
+        dev = hidden.device.type
+        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype  # the dtype the head's matmuls run in
+        a_ce, a_kd, chunk = options["a_ce"], options["a_kd"], options["chunk_size"]
+        need = ctx.needs_input_grad[:3]
+        with torch.autocast(dev, enabled=False):
+            w = weight.detach().to(mm); b = None if bias is None else bias.detach().to(mm)
+            g_h = torch.empty_like(hidden) if need[0] else None
+            g_w = torch.zeros(weight.shape, dtype=_compute_dtype(weight), device=weight.device) if need[1] else None
+            g_b = torch.zeros(bias.shape, dtype=_compute_dtype(bias), device=bias.device) if need[2] else None
+            ce_sum = kd_sum = torch.zeros((), dtype=torch.float32 if mm != torch.float64 else mm, device=hidden.device)
+            for s in range(0, hidden.shape[0], chunk):
+                sl = slice(s, min(s + chunk, hidden.shape[0]))
+                h = hidden[sl].detach().to(mm)
+                ce, kd, g = _ce_kd_logit_grad(F.linear(h, w, b), targets[sl], row_w[sl], None if teacher is None else teacher[sl],
+                                              *options["div"], a_ce, a_kd, inplace=True)   # (c, V) logits -> their gradient
+                ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+                if need[0]: g_h[sl] = (g.to(mm) @ w).to(hidden.dtype)                      # (c, D)
+                if need[1]: g_w += (g.T.to(mm) @ h).to(g_w.dtype)                          # (V, D)
+                if need[2]: g_b += g.sum(0).to(g_b.dtype)
+        ctx.save_for_backward(*[x for x in (g_h, g_w, g_b) if x is not None])
+        ctx.has, ctx.dtypes = [x is not None for x in (g_h, g_w, g_b)], (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        out["ce_sum"], out["kd_sum"] = ce_sum, kd_sum
+        return a_ce * ce_sum + a_kd * kd_sum
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = iter(ctx.saved_tensors)
+        grads = [(next(saved) * grad_output).to(dt) if h else None for h, dt in zip(ctx.has, ctx.dtypes)]
+        return (*grads, None, None, None, None, None)
+
+def fused_linear_distillation_loss(
+    hidden:Tensor, # (B, T, D) the student's final hidden states (after its final norm), unshifted
+    lm_head:nn.Module|Tensor, # the student's output layer (`model.get_output_embeddings()`, weight (V, D), optional bias) or its weight
+    labels:Tensor, # (B, T) int64 token ids, unshifted; ignore_index where nothing is predicted
+    teacher:SparseTeacherLogits|None=None, # (B, T, k) one cached teacher, or None for CE only
+    *,
+    alpha:float=0.5, # weight of the hard-label CE in [0, 1]; KD gets 1 - alpha
+    temperature:float=1.0, kind:str="fkl", beta:float=0.5, skew:float=0.1, t_squared:bool=True, # as in `distillation_loss`
+    num_items:int|Tensor|None=None, # global count of valid positions of the step (None: this batch's count)
+    ignore_index:int=-100,
+    chunk_size:int|None=None, # positions per chunk; None: about 8M logits per chunk (`_auto_chunk_size`)
+)->dict: # {"loss", "ce", "kd"} as `distillation_loss(hidden @ W.T + b, labels, teacher, ...)`; "kd" nan for CE only
+    """`distillation_loss` of the logits `lm_head(hidden)` without materialising them: CE and one sparse teacher's KD,
+    fused with the LM head chunk by chunk (same values and gradients w.r.t. `hidden`, the head's weight and bias).
+    ValueError for a dense or multi-teacher `teacher` (use `distillation_loss`), shape mismatches or bad arguments."""
+    _check_alpha(alpha)
+    _check_kd_args(kind, temperature, beta, skew)
+    weight, bias = (lm_head, None) if isinstance(lm_head, Tensor) else (lm_head.weight, getattr(lm_head, "bias", None))
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:-1] or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"expected hidden (B, T, D), labels (B, T) and an LM head weight (V, D); got {tuple(hidden.shape)}, "
+                         f"{tuple(labels.shape)} and {tuple(weight.shape)}")
+    if teacher is not None and not isinstance(teacher, SparseTeacherLogits):
+        raise ValueError(f"teacher={type(teacher).__name__}: the fused LM-head path takes one SparseTeacherLogits (a teacher cache) or None; "
+                         "pass dense logits or several teachers to distillation_loss")
+    B, L, _ = hidden.shape
+    if teacher is not None:
+        if tuple(teacher.shape) != (B, L): raise ValueError(f"teacher has shape {tuple(teacher.shape)}; expected (B, T) = {(B, L)}")
+        _check_vocab(weight.shape[0], teacher, None)
+    kd_on = teacher is not None and alpha < 1
+    tgt = torch.cat([labels[:, 1:], labels.new_full((B, 1), ignore_index)], 1).reshape(-1)  # position t predicts token t+1
+    valid = tgt != ignore_index
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    denom = (valid.sum() if num_items is None else torch.as_tensor(num_items, device=hidden.device)).clamp(min=1).to(dtype)
+    scale = float(temperature) ** 2 if t_squared else 1.0
+    chunk = _auto_chunk_size(weight.shape[0]) if chunk_size is None else int(chunk_size)
+    if chunk < 1: raise ValueError(f"chunk_size={chunk_size} is not accepted; it must be a positive number of positions")
+    options = dict(a_ce=alpha if kd_on else 1.0, a_kd=(1 - alpha) * scale if kd_on else 0.0, chunk_size=chunk,
+                   div=(kind, float(temperature), beta, skew))
+    out = {}
+    total = _FusedLinearCEKD.apply(hidden.reshape(B * L, -1), weight, bias, tgt.clamp_min(0), valid.to(dtype),
+                                   teacher.reshape(B * L) if kd_on else None, options, out)
+    ce = out["ce_sum"] / denom
+    return {"loss": total / denom, "ce": ce.detach(), "kd": (out["kd_sum"] / denom).detach() if kd_on else torch.full_like(ce, math.nan)}
 
 # %% ../nbs/04_losses.ipynb #cb80fa2e
 ENSEMBLE_MODES = ("logit_mean", "prob_mean")

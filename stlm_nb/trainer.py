@@ -21,7 +21,7 @@ from . import data as D
 from .eval import (TASKS_PER_DOMAIN, evaluate as evaluate_tasks, evaluate_blocks, offline_tasks, teacher_bpb,
                           untrained_floor)
 from .cache import TeacherCache, build_teacher_cache, cache_key, fingerprint_blocks, key_hash
-from .losses import KD_KINDS, HintProjector, distillation_loss, hint_loss, uniform_layer_map
+from .losses import KD_KINDS, HintProjector, distillation_loss, fused_linear_distillation_loss, hint_loss, uniform_layer_map
 from .models import (STUDENT_PRESETS, count_parameters, load_model_config, load_teacher, load_teacher_tokenizer,
                             load_student, make_student, student_config, student_model_config, check_student_vocab)
 from .runs import (PRECISIONS, Precision, cache_dir, coerce, flops_per_token, matmul_parameters, paired_stats,
@@ -317,11 +317,12 @@ class DistillationTrainer(Trainer):
                  teacher_caches:list|None=None, # one `TeacherCache` of the training blocks per teacher
                  teachers:list|None=None, # or: one online teacher model per teacher
                  hint_weight:float=0.0, hint_projector:HintProjector|None=None, # the hint loss (`HintConfig`) and its trained projector
+                 fused_head:bool=True, # CE-only and one-cached-teacher steps: the loss fused with the LM head (`fused_linear_distillation_loss`); False: logits, then `distillation_loss`
                  **kwargs):
         super().__init__(*args, **kwargs)
         if hint_weight > 0 and (hint_projector is None or not teachers):
             raise ValueError("hint_weight > 0 needs an online teacher and a hint_projector (attach it to the student so it trains)")
-        self.hint_weight, self.hint_projector = hint_weight, hint_projector
+        self.hint_weight, self.hint_projector, self.fused_head = hint_weight, hint_projector, fused_head
         self.teacher_caches, self.teachers = teacher_caches or [], teachers or []
         n = len(self.teacher_caches) or len(self.teachers)
         kd = kd if kd is not None else KDConfig(alpha=1.0)
@@ -352,6 +353,15 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         use_hint = self.hint_weight > 0 and model.training
+        if self.fused_head and model.training and not use_hint and (self.alpha >= 1.0 or len(self.teacher_caches) == 1):
+            # CE only, or one cached teacher: the loss fused with the LM head, the (B, T, V) logits never whole
+            outputs = model(input_ids=inputs["input_ids"], output_hidden_states=True, logits_to_keep=1)
+            teacher = None if self.alpha >= 1.0 else self._teacher_signals(inputs)[0][0]
+            bare = model
+            while hasattr(bare, "module"): bare = bare.module  # DDP; accelerate's autocast wraps `forward` only
+            parts = fused_linear_distillation_loss(outputs.hidden_states[-1], bare.get_output_embeddings(), labels,
+                                                   teacher, alpha=self.alpha, num_items=num_items_in_batch, **self.kd_args)
+            return self._finish(parts, outputs, return_outputs, num_items_in_batch, model)
         outputs = model(input_ids=inputs["input_ids"], output_hidden_states=use_hint)
         logits = outputs.logits
         if not model.training:  # held-out CE: a mean over this batch's counted positions (Trainer averages batches and ranks)
@@ -369,6 +379,10 @@ class DistillationTrainer(Trainer):
                 hint = hint_loss(outputs.hidden_states, teacher_hidden, self.hint_projector, mask=valid)
                 if num_items_in_batch is not None: hint = hint * valid.sum() / num_items_in_batch
                 parts = {**parts, "loss": parts["loss"] + self.hint_weight * hint, "hint": hint.detach()}
+        return self._finish(parts, outputs, return_outputs, num_items_in_batch, model)
+
+    def _finish(self, parts, outputs, return_outputs, num_items_in_batch, model):
+        "Stop on a non-finite loss, keep the parts for logging, scale for DDP."
         loss = parts["loss"]
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {self.state.global_step} (ce={parts['ce'].item()}, "

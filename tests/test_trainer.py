@@ -39,18 +39,20 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
 
 
 def test_single_cached_teacher_takes_the_fused_path(tmp_path, monkeypatch):
-    "One cached teacher must reach the fused CE + sparse-KD path (a list of one would take the 3x slower autograd path)."
-    import stlm_nb.losses as losses
+    "One cached teacher must reach the CE + sparse-KD path fused with the LM head (a list of one would take the 3x slower autograd path)."
+    import stlm_nb.trainer as trainer
+    from stlm_nb.losses import SparseTeacherLogits
     calls = []
-    fused = losses._fused_distillation
-    monkeypatch.setattr(losses, "_fused_distillation", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fused = trainer.fused_linear_distillation_loss
+    monkeypatch.setattr(trainer, "fused_linear_distillation_loss",
+                        lambda h, head, lab, t, **k: calls.append(isinstance(t, SparseTeacherLogits) and k["alpha"] == 0.5) or fused(h, head, lab, t, **k))
     ids = torch.randint(0, 50, (4, 16))
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), "block_idx": list(range(4))})
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=2, report_to="none", use_cpu=True,
                              remove_unused_columns=False, save_strategy="no")
     DistillationTrainer(model=make_student("llama-tiny", vocab_size=50), args=args, train_dataset=ds, data_collator=collate_blocks,
                         teacher_caches=[PoisonedCache(torch.randn(4, 16, 50), bad_call=10**9)], kd=KDConfig(alpha=0.5)).train()
-    assert len(calls) == 2
+    assert calls == [True, True]
 
 
 def test_hint_loss_with_online_teacher_trains_projector_beside_student(tmp_path):
@@ -64,3 +66,22 @@ def test_hint_loss_with_online_teacher_trains_projector_beside_student(tmp_path)
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "kd-seed0" / "final")
     assert count_parameters(final) == m["model_parameters"]["student"]
     assert not any("hint" in n for n, _ in final.named_parameters())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_fused_head_trains_like_the_unfused_path(tmp_path, alpha):
+    "Three SGD steps (no Adam normalisation to amplify rounding) with the loss fused with the LM head end at the same weights as logits + distillation_loss."
+    ids = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(0))
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), "block_idx": list(range(8))})
+    cache = PoisonedCache(torch.randn(8, 16, 50, generator=torch.Generator().manual_seed(1)), bad_call=10**9)
+    finals = []
+    for fused in (True, False):
+        args = TrainingArguments(str(tmp_path / str(fused)), per_device_train_batch_size=4, max_steps=3, report_to="none", use_cpu=True,
+                                 remove_unused_columns=False, save_strategy="no", learning_rate=1.0, optim="sgd", seed=0, data_seed=0)
+        model = make_student("llama-tiny", vocab_size=50, seed=0)
+        DistillationTrainer(model=model, args=args, train_dataset=ds, data_collator=collate_blocks, teacher_caches=[cache],
+                            kd=KDConfig(alpha=alpha), fused_head=fused).train()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    start = [p.detach() for p in make_student("llama-tiny", vocab_size=50, seed=0).parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(finals[0], start)) > 1e-3  # it trained
+    assert max((a - b).abs().max().item() for a, b in zip(finals[0], finals[1])) < 1e-5
