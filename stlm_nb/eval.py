@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import NamedTuple, Iterable
 
@@ -29,8 +30,8 @@ __all__ = ['HUB_BENCHMARKS', 'LINE_DOMAINS', 'TASKS_VERSION', 'TASKS_PER_DOMAIN'
            'bits_per_byte', 'teacher_agreement', 'load_benchmark_rows', 'hellaswag_preprocess', 'load_blimp',
            'load_hellaswag', 'load_arc_easy', 'load_winogrande', 'load_mmlu', 'sentence_units', 'corrupt_sentence',
            'build_offline_tasks', 'offline_tasks', 'resolvable_difference', 'evaluate', 'accuracy_figure',
-           'parallel_coordinates_figure', 'untrained_floor', 'with_floor', 'per_domain_bpb', 'evaluate_blocks',
-           'teacher_bpb']
+           'parallel_coordinates_figure', 'untrained_floor', 'with_floor', 'task_subset', 'task_log_metrics',
+           'TasksCallback', 'task_curves', 'per_domain_bpb', 'evaluate_blocks', 'teacher_bpb']
 
 # %% ../nbs/06_eval.ipynb #ff889d6f
 def prefix_token_id(tokenizer)->int:
@@ -653,6 +654,144 @@ def with_floor(
     bad = m[m.floor.isna() | (m.floor_n != m.n)]
     if len(bad): raise ValueError(f"floor does not match table on {len(bad)} rows (e.g. {bad.iloc[0][key].to_dict()}): score both on the same suite")
     return m[["task", "domain", "metric", "value", "floor"] + (["floor_std"] if extra else []) + ["chance", "n"]]
+
+# %% ../nbs/06_eval.ipynb #a7c31e02
+from transformers import TrainerCallback
+
+def task_subset(
+    suite:dict, # {task name: docs or pairs}, e.g. `offline_tasks()` or {"hellaswag": load_hellaswag(...)}
+    items_per_domain:int|None=8, # the first this many items of each group of each task; None: every item
+    group_by:str="domain", # the doc field naming the group; docs without it form one group (a loaded benchmark: its first items)
+)->dict: # {task name: docs}: the same tasks, items in suite order
+    """A fixed, deterministic subset of a suite: the first `items_per_domain` items of every group of every task. On the
+    offline tasks it equals `offline_tasks(n_per_domain=items_per_domain)` (a smaller n is a prefix of each domain's
+    items). ValueError for `items_per_domain` not None nor an int >= 1, or a suite that is not a dict of non-empty lists."""
+    if items_per_domain is not None and (isinstance(items_per_domain, bool) or not isinstance(items_per_domain, (int, np.integer)) or items_per_domain < 1):
+        raise ValueError(f"items_per_domain={items_per_domain!r}; accepted: an int >= 1, or None (every item)")
+    if not isinstance(suite, dict) or not suite or not all(isinstance(v, list) and v for v in suite.values()):
+        raise ValueError(f"suite={str(suite)[:80]}; accepted: a non-empty dict of task name -> non-empty list of docs")
+    if items_per_domain is None: return {k: list(v) for k, v in suite.items()}
+    out = {}
+    for name, docs in suite.items():
+        seen: dict = {}
+        out[name] = []
+        for d in docs:
+            g = d.get(group_by) if isinstance(d, dict) else None; seen[g] = seen.get(g, 0) + 1
+            if seen[g] <= items_per_domain: out[name].append(d)
+    return out
+
+def task_log_metrics(
+    table:pd.DataFrame, # `evaluate`'s table
+    prefix:str="tasks",
+)->dict: # {f"{prefix}/{task}/{metric}": value} for the overall (domain "all") rows
+    "`evaluate`'s overall scores as flat log keys, e.g. `tasks/continuation/acc_norm`."
+    a = table[table.domain == "all"]
+    return {f"{prefix}/{r.task}/{r.metric}": float(r.value) for r in a.itertuples()}
+
+def _int_or_none(name:str, v, accepted:str):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+        raise ValueError(f"{name}={v!r}; accepted: {accepted}")
+
+class TasksCallback(TrainerCallback):
+    """Scores log-likelihood tasks every `eval_steps` optimiser steps and logs `{prefix}/{task}/{metric}` (overall values,
+    accuracies in [0, 1]) and `{prefix}/eval_s` (seconds) in `state.log_history`: in the same entry as `eval_loss` when the
+    step evaluates, else as an entry of its own with that `step`. Each scoring is also kept in `history`
+    ([{"step", keys...}]). ValueError for a bad `eval_steps`, `items_per_domain`, `batch_size` or suite; at the start of
+    training, for `eval_steps=None` without the Trainer's `eval_strategy="steps"`."""
+    def __init__(self,
+                 tokenizer, # the student's tokenizer
+                 suite="offline", # {task name: docs or pairs} (`offline_tasks()`, loaded benchmarks, ...), or "offline": built here with `offline_kw`
+                 eval_steps:int|None=None, # score every this many optimiser steps; None: the Trainer's own `eval_steps` (beside every eval_loss)
+                 items_per_domain:int|None=8, # the fixed subset scored (`task_subset`); None: every item of the suite
+                 at_start:bool=True, # also score the untrained model at step 0 (not when resuming)
+                 at_end:bool=True, # also score the last step when it is not a multiple of eval_steps
+                 batch_size:int=32, # sequences per forward
+                 group_by:str="domain", # the doc field of the subset's groups
+                 prefix:str="tasks", # the log keys' prefix
+                 add_bos_token:bool|None=None, # see `loglikelihood`
+                 **offline_kw, # for suite="offline": corpus, domains, seed, path (n_per_domain is items_per_domain)
+                ):
+        _int_or_none("eval_steps", eval_steps, "an int >= 1 (optimiser steps), or None (the Trainer's eval_steps)")
+        _int_or_none("items_per_domain", items_per_domain, "an int >= 1, or None (every item)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size={batch_size!r}; accepted: an int >= 1")
+        if isinstance(suite, str):
+            if suite != "offline": raise ValueError(f"suite={suite!r}; accepted: 'offline' or a dict of task name -> docs")
+            suite = offline_tasks(n_per_domain=items_per_domain or TASKS_PER_DOMAIN, **offline_kw)
+        elif offline_kw: raise ValueError(f"{', '.join(offline_kw)}: only for suite='offline'")
+        self.tokenizer, self.suite = tokenizer, task_subset(suite, items_per_domain, group_by)
+        self.eval_steps, self.at_start, self.at_end = eval_steps, bool(at_start), bool(at_end)
+        self.score_kw = dict(batch_size=batch_size, group_by=group_by, add_bos_token=add_bos_token)
+        self.prefix, self.history = prefix, []
+        self.every, self._last, self._pending = eval_steps, None, None
+
+    @property
+    def counts(self)->dict: # {task: items scored per call}
+        return {k: len(v) for k, v in self.suite.items()}
+
+    def _resolve_every(self, args, state)->int:
+        if self.eval_steps is not None: return int(self.eval_steps)
+        if str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "steps" or not getattr(state, "eval_steps", None):
+            raise ValueError(f"eval_steps=None follows the Trainer's eval_steps, but eval_strategy={args.eval_strategy!r}; "
+                             "accepted: eval_strategy='steps', or an int eval_steps for the callback")
+        return int(state.eval_steps)
+
+    def score(self, model)->dict: # {f"{prefix}/{task}/{metric}": value, f"{prefix}/eval_s": seconds}
+        "Score the subset now: no gradients, every module in eval mode, each module's train/eval flag restored."
+        from accelerate.utils import extract_model_from_parallel
+        model = extract_model_from_parallel(model, keep_fp32_wrapper=True)  # DDP: the local replica, no collectives
+        modes = [(m, m.training) for m in model.modules()]
+        t0 = time.perf_counter()
+        try:
+            model.eval()
+            with torch.no_grad(): table = evaluate(model, self.tokenizer, self.suite, **self.score_kw)
+        finally:
+            for m, was in modes: m.training = was
+        return {**task_log_metrics(table, self.prefix), f"{self.prefix}/eval_s": time.perf_counter() - t0}
+
+    def _run(self, state, model, merge:bool):
+        step = state.global_step
+        entry = self.score(model); self._last = step
+        self.history.append({"step": step, **entry})
+        if merge: self._pending = (step, entry)  # added to the eval_loss entry in on_evaluate
+        else: state.log_history.append({**entry, "step": step})
+
+    def _flush(self, state):  # an evaluation announced but not run (another callback cancelled it): log on its own
+        if self._pending is not None:
+            step, entry = self._pending; self._pending = None
+            state.log_history.append({**entry, "step": step})
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if self.eval_steps is None and str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "steps":
+            self._resolve_every(args, state)  # fail at Trainer(...), not minutes into training
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.every, self._last, self._pending = self._resolve_every(args, state), None, None
+        if self.at_start and state.global_step == 0: self._run(state, model, merge=bool(args.eval_on_start))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._flush(state)
+        s = state.global_step
+        if s != self._last and (s % self.every == 0 or (self.at_end and s >= state.max_steps)):
+            self._run(state, model, merge=bool(control.should_evaluate))
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self._pending is not None and state.log_history and state.log_history[-1].get("step") == self._pending[0]:
+            state.log_history[-1].update(self._pending[1]); self._pending = None  # Trainer.log appended the eval entry just before
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._flush(state)
+
+def task_curves(
+    log_history:list[dict], # `trainer.state.log_history` (or a run's saved copy)
+    prefix:str="tasks",
+)->dict: # {"task/metric": (steps, values)}, steps ascending; {} when the run logged no task scores
+    "The task scores `TasksCallback` logged, one (steps, values) curve per task and metric."
+    out: dict = {}
+    for h in log_history:
+        for k, v in h.items():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == prefix and "step" in h: out.setdefault(f"{parts[1]}/{parts[2]}", {})[h["step"]] = v
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in out.items()}
 
 # %% ../nbs/06_eval.ipynb #e1730f57
 def per_domain_bpb(

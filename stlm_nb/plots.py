@@ -11,7 +11,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 # %% auto #0
-__all__ = ['PLOTLY_JS', 'plotlyjs_source', 'save_figure', 'line_curves', 'grouped_bars']
+__all__ = ['PLOTLY_JS', 'plotlyjs_source', 'save_figure', 'line_curves', 'grouped_bars', 'curve_panels']
 
 # %% ../nbs/11_plots.ipynb #6816d79a
 PLOTLY_JS = "plotly.min.js"
@@ -69,4 +69,41 @@ def grouped_bars(
         err = None if not errors or s not in errors else dict(type="data", array=list(errors[s]))
         fig.add_bar(name=s, x=[r[category] for r in rows], y=[r[s] for r in rows], error_y=err)
     fig.update_layout(barmode="group", title=title, yaxis_title=yaxis, template="plotly_white", height=420)
+    return fig
+
+# %% ../nbs/11_plots.ipynb #3c5e1a70
+def curve_panels(
+    panels:dict, # panel title -> {curve name: (x list, y list)}; a panel with no curves is left out
+    title:str, xaxis:str,
+    yaxes:dict|None=None, # panel title -> y-axis title
+    hlines:dict|None=None, # panel title -> (y, label): a dashed reference line (e.g. chance)
+    cols:int=2, # panels per row
+    row_height:int=280, # pixels per row of panels
+)->go.Figure:
+    """Small multiples: one panel per metric on one shared x range, one line per curve name in the same colour in every panel,
+    one legend entry per name (e.g. held-out loss and task accuracies of every run over steps). ValueError for cols < 1 or no curves at all."""
+    from plotly.subplots import make_subplots
+    import plotly.express as px
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1: raise ValueError(f"cols={cols!r}; accepted: an int >= 1")
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels: raise ValueError("panels holds no curves")
+    cols = min(cols, len(panels)); rows = -(-len(panels) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(panels), horizontal_spacing=0.1, vertical_spacing=0.35 / rows)
+    names = list(dict.fromkeys(n for cs in panels.values() for n in cs))
+    palette = px.colors.qualitative.Plotly
+    colour = {n: palette[i % len(palette)] for i, n in enumerate(names)}
+    shown = set()
+    for i, (panel, curves) in enumerate(panels.items()):
+        r, c = i // cols + 1, i % cols + 1
+        for name, (x, y) in curves.items():
+            fig.add_scatter(x=list(x), y=list(y), name=name, mode="lines+markers", legendgroup=name, showlegend=name not in shown,
+                            line=dict(color=colour[name]), row=r, col=c)
+            shown.add(name)
+        if hlines and panel in hlines:
+            y, label = hlines[panel]
+            fig.add_hline(y=y, line_dash="dash", line_color="grey", annotation_text=label, annotation_position="bottom right", row=r, col=c)
+        fig.update_yaxes(title_text=(yaxes or {}).get(panel), row=r, col=c)
+        fig.update_xaxes(title_text=xaxis if r == rows else None, row=r, col=c)
+    fig.update_xaxes(matches="x")  # one step axis: panels line up
+    fig.update_layout(title=title, template="plotly_white", height=120 + row_height * rows)
     return fig

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
 
 from . import data as D
-from .eval import (TASKS_PER_DOMAIN, evaluate as evaluate_tasks, evaluate_blocks, offline_tasks, teacher_bpb,
+from .eval import (TASKS_PER_DOMAIN, TasksCallback, evaluate as evaluate_tasks, evaluate_blocks, offline_tasks, teacher_bpb,
                           untrained_floor)
 from .cache import TeacherCache, build_teacher_cache, cache_key, fingerprint_blocks, key_hash
 from .losses import KD_KINDS, HintProjector, distillation_loss, fused_linear_distillation_loss, hint_loss, uniform_layer_map
@@ -55,13 +55,17 @@ class DataConfig:
     train_tokens: int = field(default=24_576, metadata={"help": "distinct training tokens (blocks drawn across domains, seeded)"})
     eval_tokens_per_domain: int = field(default=1_024, metadata={"help": "held-out tokens per domain for evaluation"})
     tasks_per_domain: int = field(default=TASKS_PER_DOMAIN, metadata={"help": "items per domain of each offline task (stlm_nb.eval) scored for every student; 0: skip"})
+    tasks_eval_steps: int = field(default=20, metadata={"help": "score a subset of the offline tasks every N optimiser steps (and at steps 0 and last) beside eval_loss (stlm_nb.eval.TasksCallback); 0: off"})
+    tasks_eval_per_domain: int = field(default=4, metadata={"help": "items per domain of each task in that subset (the first items of the full suite)"})
 
     def __post_init__(self):
         for name in ("block_size", "train_tokens", "eval_tokens_per_domain"):
             if not _positive_int(getattr(self, name)): _bad(self, name, "must be a positive int")
         if self.block_size < 2: _bad(self, "block_size", "must be >= 2")
-        if isinstance(self.tasks_per_domain, bool) or not isinstance(self.tasks_per_domain, int) or self.tasks_per_domain < 0:
-            _bad(self, "tasks_per_domain", "must be an int >= 0")
+        for name in ("tasks_per_domain", "tasks_eval_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0: _bad(self, name, "must be an int >= 0")
+        if not _positive_int(self.tasks_eval_per_domain): _bad(self, "tasks_eval_per_domain", "must be a positive int")
 
 @dataclass
 class KDConfig:
@@ -193,7 +197,8 @@ class DistillConfig:
     SECTIONS = {"data": DataConfig, "kd": KDConfig, "hint": HintConfig, "mixture": MixtureConfig, "run": RunConfig,
                 "training": DistillTrainingArguments}
     SMOKE = {"student": "llama-tiny", "train_tokens": 2_048, "eval_tokens_per_domain": 256, "tasks_per_domain": 2,
-             "block_size": 64, "top_k": 8, "num_train_epochs": 1.0, "logging_steps": 1, "eval_steps": 4}
+             "block_size": 64, "top_k": 8, "num_train_epochs": 1.0, "logging_steps": 1, "eval_steps": 4,
+             "tasks_eval_steps": 4, "tasks_eval_per_domain": 1}
 
     def __post_init__(self):
         if self.hint.hint_weight > 0 and self.kd.teacher_mode != "online":
@@ -477,6 +482,7 @@ def train_student(
     hint:HintConfig|None=None,
     mixture:MixtureConfig|None=None,
     world_size:int=1,
+    callbacks:list|None=None, # more `TrainerCallback`s (e.g. `stlm_nb.eval.TasksCallback`)
 )->tuple: # (the trained student: float32, no autocast wrapper; {"log_history", "global_step", "train_runtime_s", "resumed", "resumed_from_step", "tokens_seen"})
     "Train one student with `DistillationTrainer` (resumed or reused when its directory holds the same run); saved to `output_dir/final`."
     run_dir, kd_on = Path(args.output_dir), kd.alpha < 1 and signals is not None
@@ -490,7 +496,8 @@ def train_student(
     trainer = DistillationTrainer(model=student, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                                   data_collator=D.collate_blocks, kd=kd, teacher_caches=signals.train if kd_on else None,
                                   teachers=signals.online if kd_on else None,
-                                  hint_weight=hint.hint_weight if projector is not None else 0.0, hint_projector=projector)
+                                  hint_weight=hint.hint_weight if projector is not None else 0.0, hint_projector=projector,
+                                  callbacks=callbacks)
     if mixture is not None and mixture.mixture != "none":  # draw blocks by domain; dynamic: towards the domains furthest above the teacher
         steer = mixture.mixture == "dynamic"  # static: losses only logged, never acted on
         sampler = DomainMixtureSampler(data["train"]["domain"], seed=args.data_seed)
@@ -601,9 +608,11 @@ def run_distillation(
             t0, name = time.time(), f"{arm}-seed{seed}"
             args = training_arguments(out / name, seed, precision, base=config.training, n_train_blocks=len(data["train"]),
                                       world_size=state.num_processes)
+            scorer = [TasksCallback(tokenizer, tasks, eval_steps=config.data.tasks_eval_steps,  # task curves beside eval_loss
+                                    items_per_domain=config.data.tasks_eval_per_domain)] if tasks and config.data.tasks_eval_steps else None
             student, log = train_student(load_student(config.run.student, tokenizer, seed=seed),
                                          dataclasses.replace(config.kd, alpha=alpha), args, data, signals, tokenizer,
-                                         hint=config.hint, mixture=config.mixture, world_size=state.num_processes)
+                                         hint=config.hint, mixture=config.mixture, world_size=state.num_processes, callbacks=scorer)
             result = evaluate_student(student, data, signals, tasks, tokenizer, batch_size=args.per_device_eval_batch_size)
             runs[name] = {"arm": arm, "seed": seed, "alpha": alpha, **result, **log, "wall_s": time.time() - t0,
                           "mixture": [h for h in log["log_history"] if any(k.startswith("mixture/") for k in h)]}
