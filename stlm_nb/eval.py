@@ -228,15 +228,22 @@ def evaluate_minimal_pairs(
     return out
 
 # %% ../nbs/06_eval.ipynb #892301f6
+def _corpus(corpus, domains)->datasets.Dataset:
+    "A loaded corpus: `D.load_corpus(corpus, domains)`, or the given `Dataset` (text, domain) restricted to `domains`."
+    if not isinstance(corpus, datasets.Dataset): return D.load_corpus(corpus, domains=domains)
+    if domains is None: return corpus
+    keep = {domains} if isinstance(domains, str) else set(domains)
+    return corpus.filter(lambda d: d in keep, input_columns="domain")
+
 def heldout_documents(
-    corpus=None, # corpus directory (None: the embedded sample)
+    corpus=None, # anything `stlm_nb.data.load_corpus` reads (None: the embedded sample), or a loaded `Dataset` with text and domain
     domains=None, # a list of domains (default: all)
     max_bytes_per_domain:int=16_000, # keep documents in corpus order until this many UTF-8 bytes per domain
     split:str="validation", # "validation" or "test" (document-hash split of `stlm_nb.data.split_corpus`)
 )->datasets.Dataset: # columns text, domain, source, id
     "Deterministic held-out documents per domain (never in the training split). ValueError for an unknown split."
     if split not in ("validation", "test"): raise ValueError(f"split={split!r}; accepted: 'validation', 'test'")
-    ds = D.split_corpus(D.load_corpus(corpus, domains=domains))[split]
+    ds = D.split_corpus(_corpus(corpus, domains))[split]
     have, keep = {}, []
     for i, (t, d) in enumerate(zip(ds["text"], ds["domain"])):
         if have.get(d, 0) < max_bytes_per_domain: keep.append(i); have[d] = have.get(d, 0) + len(t.encode("utf-8"))
@@ -452,14 +459,14 @@ TASKS_VERSION = 2  # 2: the gold continuation's length rank is balanced; 64 item
 TASKS_PER_DOMAIN = 64  # default items per task and domain: 9 domains -> 576 continuation items and 576 minimal pairs
 
 def build_offline_tasks(
-    corpus=None, # corpus directory (None: the embedded sample)
+    corpus=None, # anything `stlm_nb.data.load_corpus` reads (None: the embedded sample), or a loaded `Dataset` with text and domain
     domains=None, # default: every domain of the corpus
     n_per_domain:int=TASKS_PER_DOMAIN, # items per task and domain (fewer when a domain has too few held-out sentences)
     seed:int=0,
 )->dict: # {"continuation": [docs], "minimal_pairs": [pairs]}
     "The offline tasks from held-out documents (validation + test splits), deterministic for (corpus, domains, n, seed)."
     if not isinstance(n_per_domain, int) or n_per_domain < 1: raise ValueError(f"n_per_domain={n_per_domain!r}; accepted: an int >= 1")
-    splits = D.split_corpus(D.load_corpus(corpus, domains=domains))
+    splits = D.split_corpus(_corpus(corpus, domains))
     held = datasets.concatenate_datasets([splits["validation"], splits["test"]])
     by_dom: dict[str, list] = {}
     for t, d, i in zip(held["text"], held["domain"], held["id"]): by_dom.setdefault(d, []).append((i, sentence_units(t, d)))
@@ -498,7 +505,7 @@ def build_offline_tasks(
     return {"continuation": cont, "minimal_pairs": pairs}
 
 def _corpus_fingerprint(corpus, domains)->str:
-    ds = D.load_corpus(corpus, domains=domains)
+    ds = _corpus(corpus, domains)
     h = hashlib.sha256()
     for t in ds["text"]: h.update(hashlib.sha256(t.encode()).digest())
     return h.hexdigest()[:16]
@@ -510,7 +517,7 @@ def offline_tasks(
     """Build (or load from `path`) the offline tasks. The directory holds `{task}.jsonl` and `meta.json` (parameters,
     corpus fingerprint, version). ValueError when `path` holds tasks built with other parameters or another corpus
     (nothing is overwritten)."""
-    meta = {"version": TASKS_VERSION, "corpus": str(corpus) if corpus else "embedded sample", "domains": domains,
+    meta = {"version": TASKS_VERSION, "corpus": "a loaded Dataset" if isinstance(corpus, datasets.Dataset) else str(corpus) if corpus else "embedded sample", "domains": domains,
             "n_per_domain": n_per_domain, "seed": seed, "corpus_fingerprint": _corpus_fingerprint(corpus, domains)}
     if path is not None and (Path(path) / "meta.json").exists():
         old = json.loads((Path(path) / "meta.json").read_text())

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
@@ -30,10 +31,10 @@ from .mixture import DomainMixtureSampler, DomainWeightCallback, attach_domain_m
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'BYTES_PER_TOKEN_BOUND', 'DataConfig', 'KDConfig', 'HintConfig', 'MixtureConfig', 'RunConfig',
-           'DistillTrainingArguments', 'DistillConfig', 'parse_layer_map', 'prepare_data', 'DistillationTrainer',
-           'NonFiniteLossError', 'TeacherSignals', 'teacher_cache_path', 'teacher_signals', 'train_student',
-           'evaluate_student', 'paired_differences', 'check_run', 'run_distillation', 'main']
+__all__ = ['SCHEDULES', 'BYTES_PER_TOKEN_BOUND', 'TASK_DOCUMENTS', 'DataConfig', 'KDConfig', 'HintConfig', 'MixtureConfig',
+           'RunConfig', 'DistillTrainingArguments', 'DistillConfig', 'parse_layer_map', 'prepare_data',
+           'DistillationTrainer', 'NonFiniteLossError', 'TeacherSignals', 'teacher_cache_path', 'teacher_signals',
+           'train_student', 'evaluate_student', 'paired_differences', 'check_run', 'run_distillation', 'main']
 
 # %% ../nbs/08_trainer.ipynb #aa1a2802
 SCHEDULES = ("cosine", "warmup_stable_decay", "linear", "constant_with_warmup")
@@ -49,7 +50,13 @@ def _positive_count(v)->bool: # an int >= 1, or an integral float (TrainingArgum
 @dataclass
 class DataConfig:
     "What the students train and are evaluated on (`stlm_nb.data`, `stlm_nb.eval`)."
-    corpus: str | None = field(default=None, metadata={"help": "corpus directory of {domain}.jsonl[.gz]; None = the embedded sample"})
+    corpus: str | None = field(default=None, metadata={"help": "None (the embedded sample), a directory of {domain}.jsonl[.gz], local .txt/.jsonl/.json/.parquet files (a path or a glob), a local hub download, or a hub dataset id (stlm_nb.data.load_corpus)"})
+    text_column: str = field(default="text", metadata={"help": "the column holding each document's text (files, hub datasets)"})
+    domain_column: str | None = field(default=None, metadata={"help": "the column naming each document's domain; None: 'domain' if present, else the file's stem or the dataset's name"})
+    corpus_split: str = field(default="train", metadata={"help": "the split of a hub dataset (or a local hub download) to read; the workbook makes its own train/validation/test split from it"})
+    corpus_config: str | None = field(default=None, metadata={"help": "the configuration of a hub dataset (e.g. 'sample-10BT')"})
+    streaming: bool = field(default=False, metadata={"help": "read the corpus as a stream (larger than memory): documents taken in stream order until the token budgets are met"})
+    num_proc: int | None = field(default=None, metadata={"help": "processes for tokenization (Dataset.map); None: this process"})
     domains: list[str] | None = field(default=None, metadata={"help": "domains to use (default: all)"})
     block_size: int = field(default=128, metadata={"help": "tokens per packed block (Baby Llama: 128)"})
     train_tokens: int = field(default=24_576, metadata={"help": "distinct training tokens (blocks drawn across domains, seeded)"})
@@ -66,6 +73,7 @@ class DataConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0: _bad(self, name, "must be an int >= 0")
         if not _positive_int(self.tasks_eval_per_domain): _bad(self, "tasks_eval_per_domain", "must be a positive int")
+        if self.num_proc is not None and not _positive_int(self.num_proc): _bad(self, "num_proc", "must be a positive int or None")
 
 @dataclass
 class KDConfig:
@@ -268,49 +276,22 @@ def parse_layer_map(
     return pairs
 
 # %% ../nbs/08_trainer.ipynb #c29ac070
-BYTES_PER_TOKEN_BOUND = 8  # generous: these tokenizers give 2.5-4.5 UTF-8 bytes per token on the corpus
+BYTES_PER_TOKEN_BOUND = D.BYTES_PER_TOKEN_BOUND  # re-exported: the budget rule lives in stlm_nb.data
 
-def _budget_documents(ds, tokens:int, per_domain:bool):
-    "A seeded subset of documents holding at least `tokens` tokens (overall, or per domain): tokenize only what is used."
-    rng = np.random.default_rng(1234)
-    order = rng.permutation(len(ds)) if not per_domain else np.arange(len(ds))  # held-out: documents in corpus order
-    sizes = np.array([len(t.encode("utf-8")) for t in ds["text"]])
-    doms = np.array(ds["domain"])
-    need = tokens * BYTES_PER_TOKEN_BOUND
-    keep, have = [], {}
-    for i in order:
-        key = doms[i] if per_domain else "all"
-        if have.get(key, 0) < need: keep.append(i); have[key] = have.get(key, 0) + sizes[i]
-    return ds.select(np.sort(keep))
+def _load(data:DataConfig, streaming:bool|None=None):
+    "The corpus of a `DataConfig` (`stlm_nb.data.load_corpus`)."
+    return D.load_corpus(data.corpus, data.domains, text_column=data.text_column, domain_column=data.domain_column,
+                         split=data.corpus_split, name=data.corpus_config, streaming=data.streaming if streaming is None else streaming,
+                         parameter="corpus")
 
 def prepare_data(
     data:DataConfig,
     tokenizer, # the student's (and teachers') tokenizer
     steering:bool=False, # also pack "steering" blocks (from the test split) for dynamic batch loading
 )->dict: # {"train", "validation"[, "steering"]: Dataset of input_ids, labels (T,), domain, block_idx; "stats": {domain: domain_stats}}
-    "Split, tokenize, pack and budget the corpus for one run (deterministic for a `DataConfig` and tokenizer)."
-    corpus = D.load_corpus(data.corpus, domains=data.domains)
-    splits = D.split_corpus(corpus)
-    # dynamic batch loading steers on test-split documents, disjoint from the validation blocks that are reported
-    # (the offline tasks draw sentences from validation and test documents alike: the mixture weights see those texts' losses)
-    splits["steering"] = splits["test"]
-    out = {}
-    for name in ("train", "validation") + (("steering",) if steering else ()):
-        docs = _budget_documents(splits[name], data.train_tokens if name == "train" else data.eval_tokens_per_domain,
-                                 per_domain=name != "train")
-        tok = D.tokenize_corpus(docs, tokenizer)
-        if name == "validation": out["stats"] = D.domain_stats(tok)
-        blocks = D.pack_blocks(tok, data.block_size, pad_token_id=tokenizer.pad_token_id)
-        if name == "train":
-            n = min(len(blocks), max(1, data.train_tokens // data.block_size))
-            blocks = blocks.shuffle(seed=1234).select(range(n))  # the same blocks for every seed and arm
-        else:
-            per = max(1, data.eval_tokens_per_domain // data.block_size)
-            doms = np.array(blocks["domain"])
-            keep = np.concatenate([np.flatnonzero(doms == d)[:per] for d in sorted(set(doms))])
-            blocks = blocks.select(np.sort(keep))
-        out[name] = blocks.add_column("block_idx", list(range(len(blocks))))
-    return out
+    "Load, split, tokenize, pack and budget the corpus for one run (`stlm_nb.data.prepare_blocks`; deterministic for a `DataConfig` and tokenizer)."
+    return D.prepare_blocks(_load(data), tokenizer, block_size=data.block_size, train_tokens=data.train_tokens,
+                            eval_tokens_per_domain=data.eval_tokens_per_domain, steering=steering, num_proc=data.num_proc)
 
 # %% ../nbs/08_trainer.ipynb #15839fd9
 class DistillationTrainer(Trainer):
@@ -571,7 +552,9 @@ def check_run(
     student = student_model_config(config.run.student, vocab_size=vocab)  # a preset, a config, a directory or a hub id: no weights
     check_student_vocab(student, vocab, config.run.student, config.kd.teachers)
     D.check_block_size(config.data.block_size, student)
-    if config.data.corpus is not None:  # every corpus file scanned (file and line of the first bad record)
+    kind = D.corpus_kind(config.data.corpus, parameter="corpus")
+    if kind == "hub_id": _load(config.data, streaming=True)  # offline: one line naming the id and how to pass a local copy
+    if kind == "jsonl_dir":  # every corpus file scanned (file and line of the first bad record)
         files = D.corpus_files(config.data.corpus)
         for d in (config.data.domains or files):
             if d not in files: raise ValueError(f"domains={config.data.domains!r}: {d!r} is not in corpus {config.data.corpus!r} ({', '.join(files)})")
@@ -579,10 +562,15 @@ def check_run(
     if config.kd.top_k > vocab: raise ValueError(f"top_k={config.kd.top_k}: larger than the vocabulary ({vocab}); accepted: 1..{vocab}")
     return tokenizer
 
+TASK_DOCUMENTS = 20_000  # a streamed corpus: the offline tasks come from its first documents
+
 def _task_suite(data:DataConfig, out:Path, state):
     "The offline tasks, saved in the run (rank 0 writes them; the others read the same files)."
     if not data.tasks_per_domain: return None
-    kw = dict(corpus=data.corpus, domains=data.domains, n_per_domain=data.tasks_per_domain, path=out / "offline_tasks")
+    corpus = data.corpus
+    if D.corpus_kind(corpus) not in ("sample", "jsonl_dir"):  # other inputs: the loaded documents (a stream: its first TASK_DOCUMENTS)
+        corpus = (datasets.Dataset.from_list(list(_load(data).take(TASK_DOCUMENTS))) if data.streaming else _load(data))
+    kw = dict(corpus=corpus, domains=data.domains, n_per_domain=data.tasks_per_domain, path=out / "offline_tasks")
     if state.is_main_process: offline_tasks(**kw)
     state.wait_for_everyone()
     return offline_tasks(**kw)
