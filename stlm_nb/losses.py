@@ -307,11 +307,11 @@ def _chunked_sum(inputs, weight, bias, rows, options, need=(False, False, False)
     chunk = options["chunk_size"]
     dtype = _compute_dtype(inputs)
     total = torch.zeros((), dtype=dtype, device=inputs.device)
-    g_in = torch.zeros_like(inputs) if need[0] else None
+    g_in = (torch.empty_like(inputs) if rows is None else torch.zeros_like(inputs)) if need[0] else None  # rows None: every row written
     weight = None if weight is None else weight.detach()
     bias = None if bias is None else bias.detach()
-    # LM head gradients accumulate in place, in float32 (float64 for float64 inputs), over the chunks
-    g_w = torch.zeros(weight.shape, dtype=_compute_dtype(weight), device=weight.device) if need[1] else None
+    # LM head gradients accumulate in place, in float32 (float64 for float64 inputs), over the chunks (the first chunk assigns)
+    g_w, wd = None, None if weight is None else _compute_dtype(weight)
     g_b = torch.zeros(bias.shape, dtype=_compute_dtype(bias), device=bias.device) if need[2] else None
     track = any(need)
     for start in range(0, n, chunk):
@@ -328,9 +328,12 @@ def _chunked_sum(inputs, weight, bias, rows, options, need=(False, False, False)
                 gx = g_logits if weight is None else g_logits.to(weight.dtype) @ weight  # (c, D)
                 if rows is None: g_in[sel] = gx
                 else: g_in.index_copy_(0, sel, gx.to(g_in.dtype))
-            if need[1]: g_w.addmm_(g_logits.T.to(g_w.dtype), x.to(g_w.dtype))        # (V, D) += (V, c) @ (c, D)
+            if need[1]:                                                                # (V, D) += (V, c) @ (c, D)
+                if g_w is None: g_w = g_logits.T.to(wd) @ x.to(wd)
+                else: g_w.addmm_(g_logits.T.to(wd), x.to(wd))
             if need[2]: g_b += g_logits.sum(0).to(g_b.dtype)
         total += part.detach()
+    if need[1] and g_w is None: g_w = torch.zeros(weight.shape, dtype=wd, device=weight.device)  # no positions
     if g_w is not None: g_w = g_w.to(weight.dtype)
     if g_b is not None: g_b = g_b.to(bias.dtype)
     return total, (g_in, g_w, g_b)
