@@ -1,7 +1,7 @@
 """Benchmark of one distillation training step, side by side in one process.
 
 Measures, for the default main-job student (llama-7m, teacher vocabulary 49,152, batch 16 x 128):
-  1. student training tokens/s with the cached teacher (top-k records read from a TeacherCache on disk)
+  1. student training tokens/s (the trainer's step: loss fused with the LM head) with the cached teacher (top-k records read from a TeacherCache on disk)
      vs the online teacher (SmolLM2-135M forward every step);
   2. the KD step with the cached teacher vs the CE-only step (time ratio; target <= 1.15);
   3. the student's achieved FLOP/s (6 * matmul params * tokens per step) as a fraction of a bare fp32
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from stlm_nb.cache import build_teacher_cache, cache_key, fingerprint_blocks
-from stlm_nb.losses import distillation_loss
+from stlm_nb.losses import distillation_loss, fused_linear_distillation_loss
 from stlm_nb.models import count_parameters, load_teacher, make_student
 
 B, T, K, STEPS, WARMUP = 16, 128, 32, 5, 2
@@ -82,11 +82,13 @@ def main():
                     kd = F.kl_div(F.log_softmax(out.logits / BL_T, -1), F.softmax(t_logits / BL_T, -1), reduction="batchmean") * BL_T ** 2
                     (BL_ALPHA * out.loss + (1 - BL_ALPHA) * kd).backward(); opt.step(); opt.zero_grad(set_to_none=True)
                     return
-                if mode == "ce": teacher_signal = None
-                elif mode == "cached": teacher_signal = cache[rows]
+                if mode in ("ce", "cached"):  # as DistillationTrainer does: the loss fused with the LM head
+                    h = student(input_ids=x, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                    out = fused_linear_distillation_loss(h, student.get_output_embeddings(), x, cache[rows] if mode == "cached" else None,
+                                                         alpha=0.5 if mode == "cached" else 1.0)
                 else:
                     with torch.no_grad(): teacher_signal = teacher(input_ids=x).logits
-                out = distillation_loss(student(input_ids=x).logits, x, teacher_signal, alpha=0.5 if mode != "ce" else 1.0)
+                    out = distillation_loss(student(input_ids=x).logits, x, teacher_signal, alpha=0.5)
                 out["loss"].backward(); opt.step(); opt.zero_grad(set_to_none=True)
             return run
 
