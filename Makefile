@@ -7,7 +7,7 @@ PARAMS ?=
 # experiment notebooks: run by papermill (tests/ runs them with smoke=True), never by nbdev_test
 EXPERIMENT_NBS := distill|eval_models|adapt_teacher|prune|mixture
 
-.PHONY: install browser teacher experiment test check-export nbtest pytest lab bench
+.PHONY: install browser teacher experiment test check-export nbtest pytest lab bench gpu-check
 
 $(VENV)/.installed: settings.ini setup.py
 	python3 -m venv $(VENV)
@@ -63,3 +63,10 @@ lab: install
 bench: install
 	$(BIN)/python bench/losses.py
 	$(BIN)/python bench/distill_step.py
+
+## the main job at GPU scale (bench/gpu_check.py): on a CPU a dry run at toy sizes in seconds (runs/gpu_check_dry/);
+## on a CUDA box without this venv: `make gpu-check GPU_CHECK_ARGS="--wheels gpu_wheels --out bench/results/gpu_check"`
+## (the folder from `bash bench/prepare_gpu_wheels.sh gpu_wheels`, made where PyPI can be reached)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@py=$(BIN)/python; [ -x "$$py" ] || py=python3; echo "$$py bench/gpu_check.py $(GPU_CHECK_ARGS)"; $$py bench/gpu_check.py $(GPU_CHECK_ARGS)
