@@ -422,12 +422,13 @@ def teacher_signals(
     precision:Precision, # the teacher dtype
     tokenizer:str="teacher", # `RunConfig.tokenizer` (part of the cache key)
     need_train:bool=True, # a KD arm reads teacher outputs on the training blocks (CE-only runs skip that forward)
-    state=None, # accelerate `PartialState` under DDP (rank 0 builds); None: one process
+    state=None, # accelerate `PartialState` under DDP (every rank builds its share of each cache); None: one process
     device:str|None=None,
 )->TeacherSignals:
     "Build or open every teacher's caches (or load the online teachers) and score the teachers on the held-out blocks."
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or (state.device if state is not None else "cuda" if torch.cuda.is_available() else "cpu")
     main = state is None or state.is_main_process
+    rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
     ids = {s: np.array(data[s]["input_ids"]) for s in ("train", "validation", "steering") if s in data}
     splits = [s for s in ids if s != "train" or (need_train and kd.teacher_mode == "cache")]
     sig = TeacherSignals(list(kd.teachers), [], [], [], [], [], {}, {}, 0)
@@ -435,14 +436,14 @@ def teacher_signals(
         keys = {s: teacher_cache_path(name, tokenizer if tokenizer != "teacher" else name, a, kd.top_k, kd.temperatures,
                                       precision.teacher_dtype) for s, a in ids.items()}
         model = None
-        if kd.teacher_mode == "online" or (main and any(not (keys[s][1] / "meta.json").exists() for s in splits)):
+        if state is not None: state.wait_for_everyone()  # every rank looks at the caches after the same point
+        if kd.teacher_mode == "online" or any(not (keys[s][1] / "meta.json").exists() for s in splits):
             model, _ = load_teacher(name, dtype=precision.teacher_dtype, device=device)
-        if main:
-            for s in splits:
-                build_teacher_cache(model, ids[s], keys[s][1], keys[s][0], labels=np.array(data[s]["labels"]), vocab_size=vocab_size, progress=True)
+        # every rank runs the teacher on its share of the batches (batch j on rank j mod world); the last shard to finish
+        # is merged into one cache, bit-identical to a one-process build; every rank returns it opened
+        opened = {s: build_teacher_cache(model, ids[s], keys[s][1], keys[s][0], labels=np.array(data[s]["labels"]), vocab_size=vocab_size,
+                                         progress=main, rank=rank, world_size=world) for s in splits}
         sig.matmul_parameters.append(matmul_parameters(model) if model is not None else None)
-        if state is not None: state.wait_for_everyone()  # the other ranks open the caches once rank 0 has renamed them into place
-        opened = {s: TeacherCache(keys[s][1], expected_key=keys[s][0]) for s in splits}
         if "train" in opened: sig.train.append(opened["train"])
         if kd.teacher_mode == "online": sig.online.append(model)
         sig.validation.append(opened["validation"]); sig.eval[name] = teacher_bpb(opened["validation"], data["validation"], data["stats"])

@@ -96,7 +96,7 @@ def _cache_top_k(tmp):
 CASES = [
     ("teacher cache", "a file truncated", lambda t: _damaged_cache(t, "truncated"), "bytes; rebuild it: delete"),
     ("teacher cache", "a file zeroed in place (same size)", lambda t: _damaged_cache(t, "zeroed"), "does not match its SHA-256 (sampled ranges); rebuild it"),
-    ("teacher cache", "built by an older version", lambda t: _damaged_cache(t, "format"), "has format 2; this version reads format 3"),
+    ("teacher cache", "built by an older version", lambda t: _damaged_cache(t, "format"), "has format 2; this version reads format 4"),
     ("teacher cache", "opened with another key", lambda t: _damaged_cache(t, "key"), "different key"),
     ("top_k", "64 for a 40-token teacher (build_teacher_cache)", _cache_top_k, "top_k=64 is not accepted"),
     ("teachers", "nosuch-teacher (offline)", lambda t: _run(t, teachers=["nosuch-teacher"]),

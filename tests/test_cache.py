@@ -1,5 +1,6 @@
 """The teacher cache (stlm_nb.cache): exact log tails in the record (issue 12d), checksums, refusal of damaged and
-old-format caches, `top_k` checked before anything is created, and two processes building one cache (issue 13)."""
+old-format caches, `top_k` checked before anything is created, two processes building one cache (issue 13), and the
+16-bit format 4 (issue 16). Ranks sharing one build under DDP: tests/test_cache_ddp.py."""
 import hashlib
 import json
 import math
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from stlm_nb.cache import CACHE_FORMAT, TeacherCache, build_teacher_cache, cache_key, fingerprint_blocks, teacher_topk_record
+from stlm_nb.losses import SparseTeacherLogits, kd_loss
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,21 +62,34 @@ def test_cached_tail_of_a_confident_teacher_is_exact(tmp_path, gap):
         np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-6)
         np.testing.assert_allclose(cache.arrays["log_tail"][..., i], ref.numpy(), rtol=1e-6)
     rec = teacher_topk_record(table[blocks], k, (1.0,))
-    assert set(rec) == {"values", "indices", "lse", "log_tail"} and rec["log_tail"].dtype == torch.float32
+    assert set(rec) == {"values", "indices", "log_tail"} and rec["log_tail"].dtype == torch.float32
+    assert rec["values"].dtype == torch.float16 and (rec["values"][..., 0] == 0).all()
+    # reverse KL against the cached (float16) record at the gap equals the float64 one (issue 12d: a floored tail was off by tens of nats)
+    student = 2 * torch.randn(2, 5, V, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exact = SparseTeacherLogits.from_dense(z, k, (1.0, 2.0))
+    for T in (1.0, 2.0):
+        for kind in ("rkl", "fkl"):
+            got, want = (kd_loss(student, r, kind=kind, temperature=T).item() for r in (cache[[0, 1]], exact))
+            assert abs(got - want) < 1e-4 * want, (T, kind, got, want)
 
 
 def test_bytes_per_token(tmp_path):
-    cache, _, _ = build(tmp_path, tiny_teacher(), k=32, temps=(1.0, 2.0))
-    assert cache.bytes_per_token == 32 * (4 + 4) + 2 * (8 + 4) + 4 == 284   # format 2: 276
-    assert cache.key["format"] == CACHE_FORMAT == 3
+    "Issue 16: <= 140 bytes per token at top-32 (format 3: 272 with one temperature, 284 with two)."
+    one, _, _ = build(tmp_path, tiny_teacher(), k=32, temps=(1.0,), name="one")
+    two, _, _ = build(tmp_path, tiny_teacher(), k=32, temps=(1.0, 2.0), name="two")
+    assert one.bytes_per_token == 32 * (2 + 2) + 4 + 4 == 136                   # float16 values, uint16 ids, tail, target
+    assert two.bytes_per_token == 32 * (2 + 2) + 2 * 4 + 4 == 140
+    assert {n: a.dtype.name for n, a in two.arrays.items()} == {"values": "float16", "indices": "uint16", "log_tail": "float32",
+                                                                "target_logprob": "float32"}
+    assert two.key["format"] == CACHE_FORMAT == 4
 
 
 # ---------------------------------------------------------------- issue 13: damaged, old and edited caches
 def test_damaged_cache_is_refused_with_path_and_fix(tmp_path):
-    cache, blocks, key = build(tmp_path, tiny_teacher(), n=100, T=64, k=40)  # values.npy ~1 MB: larger than the samples
+    cache, blocks, key = build(tmp_path, tiny_teacher(), n=200, T=64, k=40)  # values.npy ~1 MB: larger than the samples
     path = tmp_path / "c"
     fix = f"rebuild it: delete {path} and run again"
-    assert TeacherCache(path, verify="full").arrays["values"].shape == (100, 64, 40)
+    assert TeacherCache(path, verify="full").arrays["values"].shape == (200, 64, 40)
     meta = json.loads((path / "meta.json").read_text())
     f = path / "values.npy"
     good = f.read_bytes()
@@ -96,13 +111,13 @@ def test_damaged_cache_is_refused_with_path_and_fix(tmp_path):
     TeacherCache(path)
     with pytest.raises(ValueError, match=rf"values.npy does not match its SHA-256 \(whole file\); {fix}"):
         TeacherCache(path, verify="full")
-    (path / "lse.npy").unlink()                                                # a missing file
-    with pytest.raises(ValueError, match=f"lse.npy is missing.*{fix}"):
+    (path / "log_tail.npy").unlink()                                           # a missing file
+    with pytest.raises(ValueError, match=f"log_tail.npy is missing.*{fix}"):
         TeacherCache(path)
     with pytest.raises(ValueError, match=fix):                                 # build refuses it too, and overwrite=True rebuilds
         build_teacher_cache(tiny_teacher(), blocks, path, key, progress=False)
     rebuilt = build_teacher_cache(tiny_teacher(), blocks, path, key, overwrite=True, progress=False)
-    assert f.read_bytes() == good and rebuilt.arrays["values"].shape == (100, 64, 40)
+    assert f.read_bytes() == good and rebuilt.arrays["values"].shape == (200, 64, 40)
     with pytest.raises(ValueError, match="verify='sizes'"):
         TeacherCache(path, verify="sizes")
 
@@ -118,10 +133,10 @@ def test_old_format_and_edited_key_are_refused_with_the_fix(tmp_path):
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=f"different key.*temperatures.*{fix}"):
         TeacherCache(path, expected_key=key)
-    meta["key"]["format"] = 2                                                  # a cache of the previous format
-    del meta["files"]
+    meta["key"]["format"] = 3                                                  # a cache of the previous format
+    del meta["files"], meta["dtypes"]
     (path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=f"has format 2; this version reads format 3.*{fix}"):
+    with pytest.raises(ValueError, match=f"has format 3; this version reads format 4.*{fix}"):
         TeacherCache(path)
     (path / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match=f"unreadable meta.json.*{fix}"):
@@ -167,7 +182,7 @@ def test_two_processes_build_the_same_cache(tmp_path):
     assert queue.get(timeout=60) == ("ok", 48)
     shared, one = tmp_path / "shared", tmp_path / "single"
     names = sorted(p.name for p in one.glob("*.npy"))
-    assert names == sorted(p.name for p in shared.glob("*.npy")) and len(names) == 5
+    assert names == sorted(p.name for p in shared.glob("*.npy")) and len(names) == 4
     for name in names:
         assert (shared / name).read_bytes() == (one / name).read_bytes(), name
     files = lambda d: json.loads((d / "meta.json").read_text())["files"]
