@@ -348,6 +348,11 @@ def _chunked(inputs, weight, bias, teachers, weights, rows, chunk_size, div):
     chunk = _auto_chunk_size(vocab) if chunk_size is None else int(chunk_size)
     if chunk < 1: raise ValueError(f"chunk_size={chunk_size} is not accepted; it must be a positive number of positions")
     options = dict(chunk_size=chunk, teachers_flat=teachers, weights=weights, div=div)
+    n = inputs.shape[0] if rows is None else rows.numel()
+    if weight is not None and n <= chunk:  # one chunk: the plain autograd path is the same computation, without the bookkeeping
+        x = inputs if rows is None else inputs.index_select(0, rows)
+        ts = teachers if rows is None else [_take(t, rows) for t in teachers]
+        return _positions_divergence(F.linear(x, weight, bias), ts, weights, *div).sum()
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (inputs, weight, bias)):
         return _ChunkedKD.apply(inputs, weight, bias, rows, options)
     return _chunked_sum(inputs, weight, bias, rows, options)[0]
@@ -657,7 +662,7 @@ def chunked_kd_loss_sum_count(
     lm_head_bias:Tensor|None=None, # (V,) float, if the LM head has one
     vocab_size:int|None=None, # use only the first vocab_size rows of the LM head (padded vocabularies)
     teacher_weights:Sequence[float]|None=None, # per-teacher weights for a list of teachers
-    chunk_size:int|None=None, # positions per chunk; None: max(32, 2**23 // V), about 8M logits per chunk
+    chunk_size:int|None=None, # positions per chunk; None: max(32, 2**23 // V), about 8M logits per chunk (all positions in one chunk: the plain computation)
 )->tuple: # (sum over counted positions: float32 scalar, count: int64 scalar), as `kd_loss_sum_count`
     """`kd_loss_sum_count(student_hidden @ lm_head_weight.T + bias, teacher, ...)` without materialising the logits:
     chunked over positions and fused with the LM head (the memory argument of fused linear-cross-entropy kernels,
