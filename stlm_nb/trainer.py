@@ -584,6 +584,12 @@ def run_distillation(
     t_start, out, timings = time.time(), Path(config.run.out_dir), {}
     precision, tokenizer = resolve_precision(config.run.precision), check_run(config)  # fail in seconds, write nothing
     state = PartialState(cpu=not torch.cuda.is_available())  # the process group under torchrun / accelerate launch (gloo on CPU)
+    if state.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a TrainingArguments built earlier on a CPU (e.g. the config's) settled accelerate's shared state as one process
+        # per rank, and every rank would act as rank 0: start it again as the process group it is
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+        state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process: prepare_out_dir(out, config.to_dict(), overwrite=config.run.overwrite); print(precision)
     state.wait_for_everyone()
     t0 = time.time(); data = prepare_data(config.data, tokenizer, steering=config.mixture.mixture == "dynamic")

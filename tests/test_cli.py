@@ -44,6 +44,9 @@ def test_cli_ddp_two_processes_match_one(tmp_path, env):
                         "--smoke", "true", "--out_dir", str(ddp_out), "--per_device_train_batch_size", "4", *common],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+    # the run saw its process group (a TrainingArguments built on a CPU before run_distillation once made every rank
+    # start as rank 0 and race on out_dir: run_distillation now restarts accelerate's state as the group it is)
+    assert json.loads((ddp_out / "metrics.json").read_text())["world_size"] == 2
     r0 = json.loads((ddp_out / "rank0-kd-seed0.json").read_text())
     r1 = json.loads((ddp_out / "rank1-kd-seed0.json").read_text())
     assert r0["param_sum"] == r1["param_sum"]           # DDP keeps the replicas identical
