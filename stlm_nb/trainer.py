@@ -17,6 +17,7 @@ import datasets
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
+from accelerate.utils import extract_model_from_parallel
 
 from . import data as D
 from .eval import (TASKS_PER_DOMAIN, TasksCallback, evaluate as evaluate_tasks, evaluate_blocks, offline_tasks, teacher_bpb,
@@ -343,9 +344,8 @@ class DistillationTrainer(Trainer):
             # CE only, or one cached teacher: the loss fused with the LM head, the (B, T, V) logits never whole
             outputs = model(input_ids=inputs["input_ids"], output_hidden_states=True, logits_to_keep=1)
             teacher = None if self.alpha >= 1.0 else self._teacher_signals(inputs)[0][0]
-            bare = model
-            while hasattr(bare, "module"): bare = bare.module  # DDP; accelerate's autocast wraps `forward` only
-            parts = fused_linear_distillation_loss(outputs.hidden_states[-1], bare.get_output_embeddings(), labels,
+            head = extract_model_from_parallel(model).get_output_embeddings()  # through DDP; the autocast forward stays
+            parts = fused_linear_distillation_loss(outputs.hidden_states[-1], head, labels,
                                                    teacher, alpha=self.alpha, num_items=num_items_in_batch, **self.kd_args)
             return self._finish(parts, outputs, return_outputs, num_items_in_batch, model)
         outputs = model(input_ids=inputs["input_ids"], output_hidden_states=use_hint)

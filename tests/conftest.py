@@ -20,6 +20,17 @@ def env():
 
 
 @pytest.fixture
+def offline(monkeypatch):
+    "HF_HUB_OFFLINE=1, and any network use (hub lookups of models or datasets, any socket) fails the test."
+    import socket
+    import huggingface_hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    def no_network(*a, **k): raise AssertionError("network used while HF_HUB_OFFLINE=1")
+    for name in ("model_info", "dataset_info"): monkeypatch.setattr(huggingface_hub, name, no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+@pytest.fixture
 def one_thread(monkeypatch):
     "Papermill kernels inherit it: tiny models gain nothing from threads, and on a busy shared CPU spinning threads cost 2-3x."
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -3,12 +3,10 @@ ids (offline: one fast ValueError line) into the columns text, domain, source, i
 corpus into the trainer's blocks, bit-identical to the pipeline before it existed (pinned fingerprints)."""
 import hashlib
 import json
-import socket
 import time
 from pathlib import Path
 
 import datasets
-import huggingface_hub
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -37,15 +35,6 @@ def _rows(ds) -> list:
 def tok():
     from stlm_nb.models import load_teacher_tokenizer
     return load_teacher_tokenizer("smollm2-135m")
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    "HF_HUB_OFFLINE=1, and any network use fails the test."
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    def no_network(*a, **k): raise AssertionError("network used while HF_HUB_OFFLINE=1")
-    monkeypatch.setattr(huggingface_hub, "dataset_info", no_network)
-    monkeypatch.setattr(socket.socket, "connect", no_network)
 
 
 @pytest.fixture

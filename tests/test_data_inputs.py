@@ -5,7 +5,6 @@ import gzip
 import hashlib
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -29,15 +28,6 @@ def _error(fn, *args, **kw) -> str:
     msg = str(e.value)
     assert "\n" not in msg, msg
     return msg
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    "HF_HUB_OFFLINE=1, and any network use fails the test."
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    def no_network(*a, **k): raise AssertionError("network used while HF_HUB_OFFLINE=1")
-    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
-    monkeypatch.setattr(socket.socket, "connect", no_network)
 
 
 @pytest.fixture
