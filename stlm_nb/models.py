@@ -31,6 +31,7 @@ STUDENT_PRESETS: dict[str, dict] = {
     "llama-tiny":    dict(arch="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, tie_word_embeddings=True, max_position_embeddings=1024),
     "llama-1m":      dict(arch="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=192, tie_word_embeddings=True, max_position_embeddings=1024),
     "llama-7m":      dict(arch="llama", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, tie_word_embeddings=True, max_position_embeddings=1024),
+    "llama-19m":     dict(arch="llama", hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024, tie_word_embeddings=True, max_position_embeddings=1024),
     "gpt2-7m":       dict(arch="gpt2", n_embd=128, n_layer=4, n_head=4, n_positions=1024),
     "babyllama-58m": dict(arch="llama", hidden_size=512, num_hidden_layers=16, num_attention_heads=8, intermediate_size=1024, tie_word_embeddings=False, vocab_size=16_000, max_position_embeddings=1024),
     "stlm-50m":      dict(arch="llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1536, tie_word_embeddings=True, vocab_size=50_257, max_position_embeddings=1024),

@@ -11,18 +11,20 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 # %% auto #0
-__all__ = ['PLOTLY_JS', 'plotlyjs_source', 'save_figure', 'line_curves', 'grouped_bars', 'curve_panels']
+__all__ = ['PLOTLY_JS', 'PLOTLY_JS_DEPTH', 'plotlyjs_source', 'save_figure', 'line_curves', 'grouped_bars', 'curve_panels',
+           'heatmap', 'interval_plot']
 
 # %% ../nbs/11_plots.ipynb #6816d79a
 PLOTLY_JS = "plotly.min.js"
+PLOTLY_JS_DEPTH = 3  # figures/<experiment>/<study>/: a figure two folders down still shares figures/plotly.min.js
 
 def plotlyjs_source(
     folder:str|os.PathLike, # where the HTML figure goes
 )->str: # the relative `src` of plotly.js for a figure in `folder`
-    "`plotly.min.js` in `folder` or its parent, the nearer one; written into `folder` when neither exists."
+    "`plotly.min.js` in `folder` or up to `PLOTLY_JS_DEPTH` folders above it, the nearest one; written into `folder` when none has it."
     folder = Path(folder)
-    if (folder / PLOTLY_JS).exists(): return PLOTLY_JS
-    if (folder.parent / PLOTLY_JS).exists(): return f"../{PLOTLY_JS}"
+    for up in range(PLOTLY_JS_DEPTH + 1):
+        if (folder.joinpath(*[".."] * up) / PLOTLY_JS).exists(): return "../" * up + PLOTLY_JS
     from plotly.offline import get_plotlyjs
     tmp = folder / f".{PLOTLY_JS}.{os.getpid()}.tmp"; tmp.write_text(get_plotlyjs(), encoding="utf-8"); os.replace(tmp, folder / PLOTLY_JS)
     return PLOTLY_JS
@@ -106,4 +108,47 @@ def curve_panels(
         fig.update_xaxes(title_text=xaxis if r == rows else None, row=r, col=c)
     fig.update_xaxes(matches="x")  # one step axis: panels line up
     fig.update_layout(title=title, template="plotly_white", height=120 + row_height * rows)
+    return fig
+
+# %% ../nbs/11_plots.ipynb #6a1f0c02
+def heatmap(
+    z:list, # [rows][cols] values; None or nan where a cell is missing
+    x:list, y:list, # column labels (len = cols), row labels (len = rows)
+    title:str, xaxis:str, yaxis:str,
+    text:list|None=None, # [rows][cols] labels written in the cells (e.g. "−0.071 ± 0.004"); None: the values, 3 decimals
+    colorbar:str="", # the colour scale's title
+    zmid:float|None=0.0, # the value at the centre of a diverging scale (0 for a difference); None: a sequential scale
+)->go.Figure:
+    "A 2-D grid of values with each cell's label written in it; ValueError when `z` is not len(y) rows of len(x) values."
+    import math
+    if len(z) != len(y) or any(len(r) != len(x) for r in z):
+        raise ValueError(f"z has shape {[len(r) for r in z]} rows; accepted: {len(y)} rows (y) of {len(x)} values (x)")
+    vals = [[None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in r] for r in z]
+    labels = text or [["" if v is None else f"{v:.3f}" for v in r] for r in vals]
+    fig = go.Figure(go.Heatmap(z=vals, x=[str(v) for v in x], y=[str(v) for v in y], text=labels, texttemplate="%{text}",
+                               colorscale="RdBu_r" if zmid is not None else "Viridis", zmid=zmid, colorbar=dict(title=colorbar)))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, template="plotly_white", height=120 + 60 * max(len(y), 3))
+    fig.update_xaxes(type="category"); fig.update_yaxes(type="category")
+    return fig
+
+def interval_plot(
+    x:list, # categories (bars) or numbers (lines), shared by every series
+    series:dict, # name -> (means, lows, highs): lists aligned with `x` (e.g. a 95% interval)
+    title:str, xaxis:str, yaxis:str,
+    kind:str="bars", # "bars" (categories) or "lines" (a numeric axis)
+    log_x:bool=False, # a logarithmic x axis (budgets, sizes)
+    hline:float|None=0.0, # a dashed reference line (0 for a difference); None: none
+)->go.Figure:
+    "Means with asymmetric interval bars, as grouped bars or as lines; ValueError for an unknown `kind` or misaligned lists."
+    if kind not in ("bars", "lines"): raise ValueError(f"kind={kind!r}; accepted: 'bars', 'lines'")
+    fig = go.Figure()
+    for name, (m, lo, hi) in series.items():
+        if not len(m) == len(lo) == len(hi) == len(x):
+            raise ValueError(f"series {name!r}: {len(m)} means, {len(lo)} lows, {len(hi)} highs for {len(x)} x values; accepted: one each per x")
+        err = dict(type="data", symmetric=False, array=[h - v for v, h in zip(m, hi)], arrayminus=[v - l for v, l in zip(m, lo)])
+        if kind == "bars": fig.add_bar(name=name, x=[str(v) for v in x], y=list(m), error_y=err)
+        else: fig.add_scatter(name=name, x=list(x), y=list(m), error_y=err, mode="lines+markers")
+    if hline is not None: fig.add_hline(y=hline, line_dash="dash", line_color="grey")
+    fig.update_layout(barmode="group", title=title, xaxis_title=xaxis, yaxis_title=yaxis, template="plotly_white", height=420)
+    if log_x: fig.update_xaxes(type="log")
     return fig
