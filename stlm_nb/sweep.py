@@ -79,7 +79,7 @@ def study_cells(
 def _fmt(v)->str:
     if isinstance(v, bool): return str(v).lower()
     if isinstance(v, float): return f"{v:g}"
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(v)).strip("-") or "-"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(v)).strip("-") or "-"
 
 def cell_name(
     overrides:dict, # a cell's knob values
