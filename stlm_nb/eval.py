@@ -626,10 +626,13 @@ def untrained_floor(
     batch_size:int=16,
     progress:bool=False,
     add_bos_token:bool|None=None,
+    cache:str|os.PathLike|None=None, # a directory: the table is kept there under a key of everything it depends on, and read back
     **offline_kw, # passed to `offline_tasks` for suite="offline"
 )->pd.DataFrame: # `evaluate`'s table for the untrained model (columns task, domain, metric, value, chance, n[, std, seeds])
     """The untrained floor: an untrained model of the same preset (or config) scored by `evaluate` on the same items; with
-    several seeds the mean over seeds and its sample standard deviation (ddof 1). ValueError for a bad preset or seed."""
+    several seeds the mean over seeds and its sample standard deviation (ddof 1). With `cache`, a table computed before for
+    the same architecture, vocabulary, items, seeds, batch size and library versions is read back instead (written atomically).
+    ValueError for a bad preset or seed."""
     from transformers import AutoModelForCausalLM, PretrainedConfig
     from stlm_nb.models import make_student
     seeds = [seed] if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else list(seed) if isinstance(seed, (list, tuple)) else None
@@ -640,15 +643,32 @@ def untrained_floor(
         if not isinstance(config, PretrainedConfig):
             raise ValueError(f"preset={type(preset).__name__}: accepted: a preset name (stlm_nb.models.STUDENT_PRESETS), a transformers model or its config")
     if isinstance(suite, str) and suite == "offline": suite = offline_tasks(**offline_kw)  # built once for every seed
+    if cache is not None:
+        path = Path(cache) / f"{_floor_key(preset if isinstance(preset, str) else config, tokenizer, suite, seeds, batch_size, add_bos_token)}.json"
+        if path.exists(): return pd.DataFrame(json.loads(path.read_text())["table"])
     tables = []
     for s in seeds:
         if isinstance(preset, str): model = make_student(preset, tokenizer=tokenizer, seed=int(s))
         else: torch.manual_seed(int(s)); model = AutoModelForCausalLM.from_config(config)
         tables.append(evaluate(model.float().eval(), tokenizer, suite, batch_size=batch_size, progress=progress, add_bos_token=add_bos_token))
         del model
-    if len(tables) == 1: return tables[0]
-    vals = np.stack([t.value.to_numpy() for t in tables])
-    return tables[0].assign(value=vals.mean(0), std=vals.std(0, ddof=1), seeds=len(seeds))
+    if len(tables) == 1: out = tables[0]
+    else:
+        vals = np.stack([t.value.to_numpy() for t in tables])
+        out = tables[0].assign(value=vals.mean(0), std=vals.std(0, ddof=1), seeds=len(seeds))
+    if cache is not None:
+        path.parent.mkdir(parents=True, exist_ok=True); tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"seeds": seeds, "table": out.to_dict("records")})); os.replace(tmp, path)
+    return out
+
+def _floor_key(arch, tokenizer, suite, seeds, batch_size, add_bos_token)->str:
+    "Everything an untrained floor depends on, hashed: the architecture (a preset name or a config), the vocabulary, the items, seeds, batching, versions."
+    import transformers
+    skip = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "_commit_hash")
+    arch = arch if isinstance(arch, str) else {k: v for k, v in arch.to_dict().items() if k not in skip}
+    key = {"arch": arch, "vocab": sorted(tokenizer.get_vocab().items()), "bos": [tokenizer.bos_token_id, add_bos_token], "items": suite,
+           "seeds": [int(x) for x in seeds], "batch_size": batch_size, "torch": torch.__version__, "transformers": transformers.__version__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 def with_floor(
     table:pd.DataFrame, # `evaluate`'s table of a model

@@ -22,7 +22,8 @@ from accelerate.utils import extract_model_from_parallel
 from . import data as D
 from .eval import (TASKS_PER_DOMAIN, TasksCallback, evaluate as evaluate_tasks, evaluate_blocks, offline_tasks, teacher_bpb,
                           untrained_floor)
-from .cache import TeacherCache, build_teacher_cache, cache_key, fingerprint_blocks, key_hash
+from .cache import (HiddenStateCache, TeacherCache, build_hidden_cache, build_teacher_cache, cache_key, fingerprint_blocks,
+                           hidden_cache_key, key_hash)
 from .losses import KD_KINDS, HintProjector, distillation_loss, fused_linear_distillation_loss, hint_loss, uniform_layer_map
 from .models import (STUDENT_PRESETS, count_parameters, load_model_config, load_teacher, load_teacher_tokenizer,
                             load_student, make_student, student_config, student_model_config, check_student_vocab)
@@ -33,9 +34,10 @@ from .tokenizer import load_tokenizer
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'BYTES_PER_TOKEN_BOUND', 'TASK_DOCUMENTS', 'DataConfig', 'KDConfig', 'HintConfig', 'MixtureConfig',
-           'RunConfig', 'DistillTrainingArguments', 'DistillConfig', 'parse_layer_map', 'prepare_data',
-           'DistillationTrainer', 'NonFiniteLossError', 'TeacherSignals', 'teacher_cache_path', 'teacher_signals',
-           'train_student', 'evaluate_student', 'paired_differences', 'check_run', 'run_distillation', 'main']
+           'RunConfig', 'DistillTrainingArguments', 'DistillConfig', 'parse_layer_map', 'hint_layer_pairs',
+           'prepare_data', 'DistillationTrainer', 'NonFiniteLossError', 'TeacherSignals', 'teacher_cache_path',
+           'hidden_cache_path', 'teacher_signals', 'train_student', 'evaluate_student', 'paired_differences',
+           'check_run', 'run_distillation', 'main']
 
 # %% ../nbs/08_trainer.ipynb #aa1a2802
 SCHEDULES = ("cosine", "warmup_stable_decay", "linear", "constant_with_warmup")
@@ -110,7 +112,7 @@ class KDConfig:
 @dataclass
 class HintConfig:
     "The hint (feature) loss of FitNets (Romero et al. 2015): ‖P h_s − h_t‖² on paired hidden states (`stlm_nb.losses.hint_loss`)."
-    hint_weight: float = field(default=0.0, metadata={"help": "weight of the hint loss added to the objective; needs teacher_mode online"})
+    hint_weight: float = field(default=0.0, metadata={"help": "weight of the hint loss added to the objective (KD arms, alpha < 1); teacher_mode 'cache': the teacher's hidden states at the mapped layers are cached once (bfloat16, stlm_nb.cache.build_hidden_cache), 'online': the teacher runs every step"})
     hint_layers: str = field(default="uniform", metadata={"help": "'uniform' (raw student layer i with raw teacher layer round(i*L_t/L_s), last (normalised) state with last) or pairs 's:t,s:t' (hidden_states numbering, 0 is the embeddings; the last state pairs only with the last)"})
 
     def __post_init__(self):
@@ -210,9 +212,6 @@ class DistillConfig:
              "tasks_eval_steps": 4, "tasks_eval_per_domain": 1}
 
     def __post_init__(self):
-        if self.hint.hint_weight > 0 and self.kd.teacher_mode != "online":
-            raise ValueError(f"hint_weight={self.hint.hint_weight!r}: a hint loss needs the teacher's hidden states: "
-                             "set teacher_mode='online' (the cache stores logits only)")
         if self.run.smoke: self._apply(self.smoke_overrides())
 
     def smoke_overrides(self)->dict: # `SMOKE` and the first seed only
@@ -276,6 +275,27 @@ def parse_layer_map(
         raise ValueError(f"hint_layers={spec!r}: accepted: 'uniform' or pairs of non-negative ints 's:t,s:t' (e.g. '2:10,4:30')")
     return pairs
 
+def hint_layer_pairs(
+    spec:str, # `HintConfig.hint_layers`
+    n_student_layers:int, # L_s: the student's blocks (its hidden_states has L_s + 1 entries)
+    n_teacher_layers:int, # L_t: the teacher's blocks
+    teacher:str="the teacher", # named in errors
+)->list[tuple[int, int]]: # the (student, teacher) pairs; their teacher indices are the states a hidden-state cache holds
+    """`parse_layer_map` checked against the two models, before any weights load: every index in range (0 = embeddings, the
+    last = after the final norm), and the last state paired only with the last (as `hint_loss` requires). ValueError naming hint_layers."""
+    try: pairs = parse_layer_map(spec, n_student_layers, n_teacher_layers)
+    except ValueError as e:
+        if str(e).startswith("hint_layers="): raise
+        raise ValueError(f"hint_layers={spec!r}: {e}") from None
+    for s, t in pairs:
+        if s > n_student_layers or t > n_teacher_layers:
+            raise ValueError(f"hint_layers={spec!r}: pair {s}:{t} is out of range: the student's hidden states are 0..{n_student_layers} "
+                             f"and {teacher}'s 0..{n_teacher_layers} (0 = embeddings, the last = after the final norm)")
+        if (s == n_student_layers) != (t == n_teacher_layers):
+            raise ValueError(f"hint_layers={spec!r}: pair {s}:{t} mixes a last state (after the final norm) with a raw one; "
+                             f"pair the last states as {n_student_layers}:{n_teacher_layers} and raw layers with raw layers")
+    return pairs
+
 # %% ../nbs/08_trainer.ipynb #c29ac070
 BYTES_PER_TOKEN_BOUND = D.BYTES_PER_TOKEN_BOUND  # re-exported: the budget rule lives in stlm_nb.data
 
@@ -304,12 +324,20 @@ class DistillationTrainer(Trainer):
                  teacher_caches:list|None=None, # one `TeacherCache` of the training blocks per teacher
                  teachers:list|None=None, # or: one online teacher model per teacher
                  hint_weight:float=0.0, hint_projector:HintProjector|None=None, # the hint loss (`HintConfig`) and its trained projector
-                 fused_head:bool=True, # CE-only and one-cached-teacher steps: the loss fused with the LM head (`fused_linear_distillation_loss`); False: logits, then `distillation_loss`
+                 teacher_hidden_cache:HiddenStateCache|None=None, # with teacher_caches: the first teacher's cached hidden states of the training blocks (the hint loss)
+                 fused_head:bool=True, # CE-only and one-cached-teacher steps without a hint loss: the loss fused with the LM head (`fused_linear_distillation_loss`); False: logits, then `distillation_loss`
                  **kwargs):
         super().__init__(*args, **kwargs)
-        if hint_weight > 0 and (hint_projector is None or not teachers):
-            raise ValueError("hint_weight > 0 needs an online teacher and a hint_projector (attach it to the student so it trains)")
+        if hint_weight > 0:
+            if hint_projector is None or not (teachers or (teacher_caches and teacher_hidden_cache is not None)):
+                raise ValueError("hint_weight > 0 needs the teacher's hidden states (an online teacher, or teacher_caches with a "
+                                 "teacher_hidden_cache) and a hint_projector (attach it to the student so it trains)")
+            missing = sorted({t for _, t in hint_projector.layer_map} - set(teacher_hidden_cache.layers)) if not teachers else []
+            if missing:
+                raise ValueError(f"teacher_hidden_cache holds the teacher's states {list(teacher_hidden_cache.layers)}, not {missing} of the "
+                                 f"hint projector's layer map {list(hint_projector.layer_map)}: build it with the map's teacher layers")
         self.hint_weight, self.hint_projector, self.fused_head = hint_weight, hint_projector, fused_head
+        self.teacher_hidden_cache = teacher_hidden_cache
         self.teacher_caches, self.teachers = teacher_caches or [], teachers or []
         n = len(self.teacher_caches) or len(self.teachers)
         kd = kd if kd is not None else KDConfig(alpha=1.0)
@@ -330,9 +358,11 @@ class DistillationTrainer(Trainer):
         return batches, n
 
     def _teacher_signals(self, inputs, hidden:bool=False):
-        "Per-teacher logits or cached records; with `hidden`, also the first teacher's hidden states."
+        "Per-teacher logits or cached records; with `hidden`, also the first teacher's hidden states (cached ones: by block id)."
         if self.teacher_caches:
-            return [c[inputs["block_idx"]].to(inputs["input_ids"].device) for c in self.teacher_caches], None
+            device = inputs["input_ids"].device
+            states = self.teacher_hidden_cache.hidden_states(inputs["block_idx"], device=device) if hidden else None
+            return [c[inputs["block_idx"]].to(device) for c in self.teacher_caches], states
         with torch.no_grad():
             outs = [t(input_ids=inputs["input_ids"], output_hidden_states=hidden and i == 0) for i, t in enumerate(self.teachers)]
         return [o.logits for o in outs], (outs[0].hidden_states if hidden else None)
@@ -407,6 +437,7 @@ class TeacherSignals:
     eval: dict # {teacher: `per_domain_bpb`} on the validation blocks
     steering_eval: dict # the same on the steering blocks
     cache_tokens: int # tokens the teachers ran on to build caches in this configuration
+    hidden: HiddenStateCache|None = None # the first teacher's hidden states on the training blocks at the hint map's teacher layers (cache mode, hint_weight > 0)
 
 def teacher_cache_path(
     teacher:str, tokenizer:str, input_ids:np.ndarray, top_k:int, temperatures:tuple, dtype:torch.dtype,
@@ -414,6 +445,17 @@ def teacher_cache_path(
     "The cache key of a teacher's records on `input_ids` (N, T) and where it lives: the same for every recipe."
     key = cache_key(teacher, tokenizer, fingerprint_blocks(input_ids), input_ids.shape[1], top_k, temperatures, str(dtype))
     return key, cache_dir() / "teacher_cache" / key_hash(key)
+
+def hidden_cache_path(
+    teacher:str, tokenizer:str, input_ids:np.ndarray,
+    layers:list, # the teacher's hidden_states indices (the teacher side of the hint's layer map)
+    teacher_config, # the teacher's `PretrainedConfig` (`load_model_config`): its num_hidden_layers and hidden_size
+    dtype:torch.dtype, # the teacher's dtype
+)->tuple[dict, Path]: # (the hidden-state cache key, its directory under `cache_dir()/hidden_cache`)
+    "The key of a teacher's cached hidden states (bfloat16) on `input_ids` (N, T) at `layers`, and where it lives: the same for every recipe."
+    key = hidden_cache_key(teacher, tokenizer, fingerprint_blocks(input_ids), input_ids.shape[1], layers,
+                           teacher_config.num_hidden_layers, teacher_config.hidden_size, str(dtype))
+    return key, cache_dir() / "hidden_cache" / key_hash(key)
 
 def teacher_signals(
     kd:KDConfig,
@@ -424,20 +466,31 @@ def teacher_signals(
     need_train:bool=True, # a KD arm reads teacher outputs on the training blocks (CE-only runs skip that forward)
     state=None, # accelerate `PartialState` under DDP (every rank builds its share of each cache); None: one process
     device:str|None=None,
+    hint:HintConfig|None=None, # with hint_weight > 0 in cache mode: also cache the first teacher's hidden states at the map's teacher layers
+    student_layers:int|None=None, # the student's blocks (the layer map needs them)
 )->TeacherSignals:
-    "Build or open every teacher's caches (or load the online teachers) and score the teachers on the held-out blocks."
+    """Build or open every teacher's caches (or load the online teachers) and score the teachers on the held-out blocks. With a
+    hint loss in cache mode, the first teacher's hidden states on the training blocks are cached too (`stlm_nb.cache.build_hidden_cache`)."""
     device = device or (state.device if state is not None else "cuda" if torch.cuda.is_available() else "cpu")
     main = state is None or state.is_main_process
     rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
     ids = {s: np.array(data[s]["input_ids"]) for s in ("train", "validation", "steering") if s in data}
     splits = [s for s in ids if s != "train" or (need_train and kd.teacher_mode == "cache")]
     sig = TeacherSignals(list(kd.teachers), [], [], [], [], [], {}, {}, 0)
-    for name in kd.teachers:
-        keys = {s: teacher_cache_path(name, tokenizer if tokenizer != "teacher" else name, a, kd.top_k, kd.temperatures,
-                                      precision.teacher_dtype) for s, a in ids.items()}
+    want_hidden = hint is not None and hint.hint_weight > 0 and "train" in splits   # cache mode, a KD arm
+    for i, name in enumerate(kd.teachers):
+        tok_name = tokenizer if tokenizer != "teacher" else name
+        keys = {s: teacher_cache_path(name, tok_name, a, kd.top_k, kd.temperatures, precision.teacher_dtype) for s, a in ids.items()}
+        hidden_key = None
+        if want_hidden and i == 0:  # the hint loss pairs the student with the first teacher
+            if student_layers is None: raise ValueError("student_layers is needed for a hint loss in cache mode (the layer map pairs the student's blocks)")
+            tcfg = load_model_config(name, parameter="teachers")
+            pairs = hint_layer_pairs(hint.hint_layers, student_layers, tcfg.num_hidden_layers, f"teacher {name!r}")
+            hidden_key = hidden_cache_path(name, tok_name, ids["train"], sorted({t for _, t in pairs}), tcfg, precision.teacher_dtype)
         model = None
         if state is not None: state.wait_for_everyone()  # every rank looks at the caches after the same point
-        if kd.teacher_mode == "online" or any(not (keys[s][1] / "meta.json").exists() for s in splits):
+        if (kd.teacher_mode == "online" or any(not (keys[s][1] / "meta.json").exists() for s in splits)
+                or (hidden_key is not None and not (hidden_key[1] / "meta.json").exists())):
             model, _ = load_teacher(name, dtype=precision.teacher_dtype, device=device)
         # every rank runs the teacher on its share of the batches (batch j on rank j mod world); the last shard to finish
         # is merged into one cache, bit-identical to a one-process build; every rank returns it opened
@@ -445,12 +498,14 @@ def teacher_signals(
                                          progress=main, rank=rank, world_size=world) for s in splits}
         sig.matmul_parameters.append(matmul_parameters(model) if model is not None else None)
         if "train" in opened: sig.train.append(opened["train"])
+        if hidden_key is not None:  # the same machinery: shards per rank, one merge, locks
+            sig.hidden = build_hidden_cache(model, ids["train"], hidden_key[1], hidden_key[0], progress=main, rank=rank, world_size=world)
         if kd.teacher_mode == "online": sig.online.append(model)
         sig.validation.append(opened["validation"]); sig.eval[name] = teacher_bpb(opened["validation"], data["validation"], data["stats"])
         if "steering" in opened:
             sig.steering.append(opened["steering"]); sig.steering_eval[name] = teacher_bpb(opened["steering"], data["steering"], data["stats"])
         del model
-    sig.cache_tokens = sum(ids[s].size for s in splits) if kd.teacher_mode == "cache" else 0
+    sig.cache_tokens = (sum(ids[s].size for s in splits) + (ids["train"].size if sig.hidden is not None else 0)) if kd.teacher_mode == "cache" else 0
     return sig
 
 # %% ../nbs/08_trainer.ipynb #020dcfed
@@ -471,14 +526,18 @@ def train_student(
     final = run_dir / "final"
     projector = None
     if hint is not None and hint.hint_weight > 0 and kd_on:  # trained beside the student: a submodule during training only
-        teacher_layers = signals.online[0].config.num_hidden_layers
-        pairs = parse_layer_map(hint.hint_layers, student.config.num_hidden_layers, teacher_layers)
-        projector = HintProjector(student.config.hidden_size, signals.online[0].config.hidden_size, pairs)
+        if not signals.online and signals.hidden is None:
+            raise ValueError(f"hint_weight={hint.hint_weight!r} with cached teachers needs the teacher's cached hidden states: "
+                             "build the signals with teacher_signals(..., hint=hint, student_layers=...)")
+        tcfg = signals.online[0].config if signals.online else load_model_config(signals.names[0], parameter="teachers")  # no weights
+        pairs = hint_layer_pairs(hint.hint_layers, student.config.num_hidden_layers, tcfg.num_hidden_layers, f"teacher {signals.names[0]!r}")
+        projector = HintProjector(student.config.hidden_size, tcfg.hidden_size, pairs)
         student.add_module("stlm_hint_projector", projector)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                                   data_collator=D.collate_blocks, kd=kd, teacher_caches=signals.train if kd_on else None,
                                   teachers=signals.online if kd_on else None,
                                   hint_weight=hint.hint_weight if projector is not None else 0.0, hint_projector=projector,
+                                  teacher_hidden_cache=signals.hidden if kd_on and not signals.online else None,
                                   callbacks=callbacks)
     if mixture is not None and mixture.mixture != "none":  # draw blocks by domain; dynamic: towards the domains furthest above the teacher
         steer = mixture.mixture == "dynamic"  # static: losses only logged, never acted on
@@ -552,6 +611,10 @@ def check_run(
                              f"(max_position_embeddings={limit}); accepted: 2..{limit}")
     student = student_model_config(config.run.student, vocab_size=vocab)  # a preset, a config, a directory or a hub id: no weights
     check_student_vocab(student, vocab, config.run.student, config.kd.teachers)
+    if config.hint.hint_weight > 0:  # the layer map against both models (the hint loss pairs the student with the first teacher)
+        first = config.kd.teachers[0]
+        hint_layer_pairs(config.hint.hint_layers, student.num_hidden_layers, load_model_config(first, parameter="teachers").num_hidden_layers,
+                         f"teacher {first!r}")
     D.check_block_size(config.data.block_size, student)
     kind = D.corpus_kind(config.data.corpus, parameter="corpus")
     if kind == "hub_id": _load(config.data, streaming=True)  # offline: one line naming the id and how to pass a local copy
@@ -594,8 +657,10 @@ def run_distillation(
     state.wait_for_everyone()
     t0 = time.time(); data = prepare_data(config.data, tokenizer, steering=config.mixture.mixture == "dynamic")
     tasks = _task_suite(config.data, out, state); timings["data_s"] = time.time() - t0
+    arch = student_model_config(config.run.student, vocab_size=len(tokenizer))  # no weights
     t0 = time.time(); signals = teacher_signals(config.kd, data, len(tokenizer), precision, tokenizer=config.run.tokenizer,
-                                                need_train=config.kd.alpha < 1, state=state); timings["teachers_s"] = time.time() - t0
+                                                need_train=config.kd.alpha < 1, state=state, hint=config.hint,
+                                                student_layers=arch.num_hidden_layers); timings["teachers_s"] = time.time() - t0
     arms = [("kd", config.kd.alpha)] + ([("ce", 1.0)] if config.run.baseline and config.kd.alpha < 1 else [])
     runs = {}
     for seed in config.run.seeds:  # paired: the same seed gives KD and CE-only the same initialisation and data order
@@ -615,10 +680,12 @@ def run_distillation(
                 write_json(out / f"rank{state.process_index}-{name}.json", {"eval_all": result["eval"]["all"],
                            "param_sum": float(sum(p.double().sum() for p in student.parameters()))})
     paired_bpb, paired_tasks = paired_differences(runs, config.run.seeds)
-    # the untrained floor on the same items: untrained students of the same architecture, one per seed (mean and spread)
-    arch = student_model_config(config.run.student, vocab_size=len(tokenizer))
+    # the untrained floor on the same items: untrained students of the same architecture, one per seed (mean and spread);
+    # kept under cache_dir() and read back by every later run (and sweep cell) of the same architecture, tokenizer, items and seeds
+    t0 = time.time()
     floor = untrained_floor(config.run.student if isinstance(config.run.student, str) and config.run.student in STUDENT_PRESETS else arch,
-                            tokenizer, tasks, seed=list(config.run.seeds)).to_dict("records") if tasks else []
+                            tokenizer, tasks, seed=list(config.run.seeds), cache=cache_dir() / "untrained_floor").to_dict("records") if tasks else []
+    timings["untrained_floor_s"] = time.time() - t0
     with torch.device("meta"): reference = AutoModelForCausalLM.from_config(arch)  # counted as exported: no hint projector
     metrics = run_metrics("distill", config.to_dict(), precision, {**timings, "total_s": time.time() - t_start},
         world_size=state.num_processes, corpus={"domain_stats": data["stats"], **{f"{s}_blocks": len(data[s]) for s in ("train", "validation", "steering") if s in data}},

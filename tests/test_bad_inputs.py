@@ -125,7 +125,7 @@ CASES = [
     ("mixture", "doremi", lambda t: _config(mixture="doremi"), "mixture='doremi': accepted: 'none', 'static', 'dynamic'"),
     ("mixture_update_steps", "0", lambda t: _config(mixture_update_steps=0), "mixture_update_steps=0: must be a positive int"),
     ("mixture_eta", "nan", lambda t: _config(mixture_eta=math.nan), "mixture_eta=nan: must be a finite number >= 0"),
-    ("hint_weight", "1 with the cached teacher", lambda t: _config(hint_weight=1.0), "set teacher_mode='online'"),
+    ("hint_layers", "'2:31' (the teacher has 30 blocks)", lambda t: _run(t, hint_weight=0.5, hint_layers="2:31"), "hint_layers='2:31': pair 2:31 is out of range"),
     ("hint_layers", "1-5", lambda t: _config(hint_layers="1-5"), "hint_layers='1-5': accepted"),
     ("block_size", "100000", lambda t: _run(t, block_size=100_000), "block_size=100000: longer than the context of teacher"),
     ("top_k", "100000", lambda t: _run(t, top_k=100_000), "top_k=100000: larger than the vocabulary"),
