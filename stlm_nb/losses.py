@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['KD_KINDS', 'ENSEMBLE_MODES', 'divergence', 'SparseTeacherLogits', 'kd_loss_sum_count', 'kd_loss', 'distillation_loss',
-           'fused_linear_distillation_loss', 'ensemble_teacher_logits', 'chunked_kd_loss_sum_count',
-           'uniform_layer_map', 'HintProjector', 'hint_loss', 'universal_logit_distillation_loss']
+__all__ = ['KD_KINDS', 'ENSEMBLE_MODES', 'HINT_NORMALIZE', 'divergence', 'SparseTeacherLogits', 'kd_loss_sum_count', 'kd_loss',
+           'distillation_loss', 'fused_linear_distillation_loss', 'ensemble_teacher_logits',
+           'chunked_kd_loss_sum_count', 'uniform_layer_map', 'HintProjector', 'hint_loss',
+           'universal_logit_distillation_loss']
 
 # %% ../nbs/04_losses.ipynb #80255da0
 KD_KINDS = ("fkl", "rkl", "jsd", "sfkl", "srkl", "tvd")  # the divergences `kind=` accepts (table above)
@@ -712,17 +713,25 @@ class HintProjector(nn.Module):
         "Project the mapped student hidden states to the teacher's width."
         return [p(student_hidden_states[s].to(p.weight.dtype)) for p, (s, _) in zip(self.projections, self.layer_map)]
 
+HINT_NORMALIZE = ("none", "rms")  # what `hint_loss(normalize=...)` accepts
+
 def hint_loss(
     student_hidden_states:Sequence[Tensor], # (L_s + 1) tensors (B, T, d_s), e.g. `output_hidden_states=True`
     teacher_hidden_states:Sequence[Tensor], # (L_t + 1) tensors (B, T, d_t); treated as constants
     projector:HintProjector, # the learned maps P, one per pair
     layer_map:Sequence[tuple]|None=None, # None: projector.layer_map; if given it must be the projector's
     mask:Tensor|None=None, # (B, T) bool: positions that count (None: all)
+    normalize:str="none", # "none": the teacher states as they are; "rms": each teacher state divided by its RMS over d_t at every position
+    eps:float=1e-6, # added to the mean square before the root ("rms")
 )->Tensor: # float32 scalar
     """Mean over layer pairs of the mean over valid positions and dims of ‖P·h_s − h_t‖²: FitNets' hint loss (Romero et al. 2015,
-    without its ½) on each pair, averaged over pairs as in PalenkaLM's deep supervision. Raises ValueError for a layer map that
-    does not match the projector or the models, a pair that mixes one model's last (normalised) state with the other's raw
-    residual stream, or a mask of the wrong shape."""
+    without its ½) on each pair, averaged over pairs as in PalenkaLM's deep supervision. With `normalize="rms"` the target is
+    h_t / sqrt(mean_d h_t² + eps) per position (a parameter-free RMSNorm, Zhang & Sennrich 2019): every position weighs alike,
+    where raw residual streams carry massive activations (Sun et al. 2024) — one channel of SmolLM2's middle layers at the
+    first position holds ~98% of Σh². Raises ValueError for a layer map that does not match the projector or the models, a
+    pair that mixes one model's last (normalised) state with the other's raw residual stream, a mask of the wrong shape, or
+    an unknown `normalize`."""
+    if normalize not in HINT_NORMALIZE: raise ValueError(f"normalize={normalize!r}; accepted: {', '.join(map(repr, HINT_NORMALIZE))}")
     pairs = projector.layer_map if layer_map is None else tuple((int(s), int(t)) for s, t in layer_map)
     if pairs != projector.layer_map:
         raise ValueError(f"layer_map={list(pairs)} is not the projector's {list(projector.layer_map)}")
@@ -742,6 +751,7 @@ def hint_loss(
     total = 0.0
     for y, (_, t) in zip(projected, pairs):
         h_t = teacher_hidden_states[t].detach()
+        if normalize == "rms": h_t = h_t.float() * torch.rsqrt(h_t.float().pow(2).mean(-1, keepdim=True) + eps)
         if y.shape != h_t.shape:
             raise ValueError(f"projected student states {tuple(y.shape)} do not match teacher layer {t} {tuple(h_t.shape)}")
         err = (y.float() - h_t.float()).pow(2)   # (B, T, d_t)

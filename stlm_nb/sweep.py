@@ -93,7 +93,7 @@ def cell_name(
 
 # %% ../nbs/13_sweep.ipynb #5e0c7a0c
 KD_ONLY_KNOBS = ("alpha", "teacher_weights", "teacher_mode", "top_k", "temperature", "loss", "beta", "skew", "t_squared",
-                 "hint_weight", "hint_layers")  # what a CE-only student does not read (teachers: their held-out caches are shared)
+                 "hint_weight", "hint_layers", "hint_normalize")  # what a CE-only student does not read (teachers: their held-out caches are shared)
 
 def baseline_overrides(
     overrides:dict, # a cell's knob values (the study's base included)
@@ -378,6 +378,17 @@ STUDIES = {s.name: s for s in [
           claims=[Claim("Baby Llama's α = 0.5, T = 2 beats CE-only", {"alpha": 0.5, "temperature": 2.0}, "ce"),
                   Claim("T = 1 beats T = 2 at α = 0.5 (the main job's temperature check)", {"alpha": 0.5, "temperature": 1.0}, {"alpha": 0.5, "temperature": 2.0}),
                   Claim("pure KD (α = 0) at T = 1 beats α = 0.5", {"alpha": 0.0, "temperature": 1.0}, {"alpha": 0.5, "temperature": 1.0})]),
+    Study("deep_supervision", "PalenkaLM's deep supervision: does matching the teacher's hidden states (FitNets hint loss through a "
+          "learned projection, Romero et al. 2015) add to matching its logits? Hidden-state weight x logit weight (1 − α), with the "
+          "uniform layer map and with the last states only; the teacher's states come from the hidden-state cache and are "
+          "RMS-normalised per position (the raw middle states of SmolLM2 are dominated by one attention-sink channel).",
+          grid={"hint_weight": [0.0, 0.1, 0.3, 0.5], "alpha": [0.9, 0.5]},
+          cells=[{"hint_layers": "last", "hint_weight": w, "alpha": a} for w in (0.1, 0.3, 0.5) for a in (0.9, 0.5)],
+          base={**SWEEP_BASE, "hint_normalize": "rms"},
+          claims=[Claim("hidden states (uniform map, weight 0.3) add to logits (α = 0.5)", {"hint_weight": 0.3, "alpha": 0.5}, {"hint_weight": 0.0, "alpha": 0.5}),
+                  Claim("the uniform map beats the last states only (weight 0.3, α = 0.5)", {"hint_weight": 0.3, "alpha": 0.5},
+                        {"hint_layers": "last", "hint_weight": 0.3, "alpha": 0.5}),
+                  Claim("logit weight 0.5 beats 0.1 without hidden states", {"hint_weight": 0.0, "alpha": 0.5}, {"hint_weight": 0.0, "alpha": 0.9})]),
     Study("student_size", "Does the gain from distillation remain across student sizes (Gemma 2 report: 200M/400M/1B all gain)? "
           "Three students spanning ~30x in non-embedding parameters, the same tokens.",
           grid={"student": ["llama-1m", "llama-7m", "llama-19m"]}, base=SWEEP_BASE, x="non_embedding_parameters",

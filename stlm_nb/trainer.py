@@ -24,7 +24,7 @@ from .eval import (TASKS_PER_DOMAIN, TasksCallback, evaluate as evaluate_tasks, 
                           untrained_floor)
 from .cache import (HiddenStateCache, TeacherCache, build_hidden_cache, build_teacher_cache, cache_key, fingerprint_blocks,
                            hidden_cache_key, key_hash)
-from .losses import KD_KINDS, HintProjector, distillation_loss, fused_linear_distillation_loss, hint_loss, uniform_layer_map
+from .losses import HINT_NORMALIZE, KD_KINDS, HintProjector, distillation_loss, fused_linear_distillation_loss, hint_loss, uniform_layer_map
 from .models import (STUDENT_PRESETS, count_parameters, load_model_config, load_teacher, load_teacher_tokenizer,
                             load_student, make_student, student_config, student_model_config, check_student_vocab)
 from .runs import (PRECISIONS, Precision, cache_dir, coerce, flops_per_token, matmul_parameters, paired_stats,
@@ -113,11 +113,13 @@ class KDConfig:
 class HintConfig:
     "The hint (feature) loss of FitNets (Romero et al. 2015): ‖P h_s − h_t‖² on paired hidden states (`stlm_nb.losses.hint_loss`)."
     hint_weight: float = field(default=0.0, metadata={"help": "weight of the hint loss added to the objective (KD arms, alpha < 1); teacher_mode 'cache': the teacher's hidden states at the mapped layers are cached once (bfloat16, stlm_nb.cache.build_hidden_cache), 'online': the teacher runs every step"})
-    hint_layers: str = field(default="uniform", metadata={"help": "'uniform' (raw student layer i with raw teacher layer round(i*L_t/L_s), last (normalised) state with last) or pairs 's:t,s:t' (hidden_states numbering, 0 is the embeddings; the last state pairs only with the last)"})
+    hint_layers: str = field(default="uniform", metadata={"help": "'uniform' (raw student layer i with raw teacher layer round(i*L_t/L_s), last (normalised) state with last), 'last' (the last states only) or pairs 's:t,s:t' (hidden_states numbering, 0 is the embeddings; the last state pairs only with the last)"})
+    hint_normalize: str = field(default="none", metadata={"help": "'none': FitNets' targets, the teacher states as they are; 'rms': each teacher state divided by its RMS per position, so that massive activations (one channel at the first position of SmolLM2's middle layers holds ~98% of the sum of squares) do not make the loss"})
 
     def __post_init__(self):
         if not self.hint_weight >= 0: _bad(self, "hint_weight", "must be >= 0")
-        if self.hint_layers != "uniform": parse_layer_map(self.hint_layers)
+        if self.hint_layers not in ("uniform", "last"): parse_layer_map(self.hint_layers)
+        if self.hint_normalize not in HINT_NORMALIZE: _bad(self, "hint_normalize", f"accepted: {', '.join(map(repr, HINT_NORMALIZE))}")
 
 @dataclass
 class MixtureConfig:
@@ -262,17 +264,17 @@ class DistillConfig:
 
 # %% ../nbs/08_trainer.ipynb #5af2c847
 def parse_layer_map(
-    spec:str, # "uniform" or "s:t,s:t,..." in hidden_states numbering (0 = embeddings)
-    n_student_layers:int|None=None, n_teacher_layers:int|None=None, # needed for "uniform"
+    spec:str, # "uniform", "last" or "s:t,s:t,..." in hidden_states numbering (0 = embeddings)
+    n_student_layers:int|None=None, n_teacher_layers:int|None=None, # needed for "uniform" and "last"
 )->list[tuple[int, int]]:
-    "The (student, teacher) hidden-state pairs of a hint loss, from the command-line form."
-    if spec == "uniform":
+    "The (student, teacher) hidden-state pairs of a hint loss, from the command-line form ('last': the two last, normalised, states)."
+    if spec in ("uniform", "last"):
         if n_student_layers is None: return []
-        return uniform_layer_map(n_student_layers, n_teacher_layers)
+        return uniform_layer_map(n_student_layers, n_teacher_layers) if spec == "uniform" else [(int(n_student_layers), int(n_teacher_layers))]
     try: pairs = [tuple(int(x) for x in p.split(":")) for p in spec.split(",")]
     except ValueError: pairs = None
     if not pairs or any(len(p) != 2 or min(p) < 0 for p in pairs):
-        raise ValueError(f"hint_layers={spec!r}: accepted: 'uniform' or pairs of non-negative ints 's:t,s:t' (e.g. '2:10,4:30')")
+        raise ValueError(f"hint_layers={spec!r}: accepted: 'uniform', 'last' or pairs of non-negative ints 's:t,s:t' (e.g. '2:10,4:30')")
     return pairs
 
 def hint_layer_pairs(
@@ -324,6 +326,7 @@ class DistillationTrainer(Trainer):
                  teacher_caches:list|None=None, # one `TeacherCache` of the training blocks per teacher
                  teachers:list|None=None, # or: one online teacher model per teacher
                  hint_weight:float=0.0, hint_projector:HintProjector|None=None, # the hint loss (`HintConfig`) and its trained projector
+                 hint_normalize:str="none", # the teacher states as they are, or "rms"-normalised per position (`hint_loss`)
                  teacher_hidden_cache:HiddenStateCache|None=None, # with teacher_caches: the first teacher's cached hidden states of the training blocks (the hint loss)
                  fused_head:bool=True, # CE-only and one-cached-teacher steps without a hint loss: the loss fused with the LM head (`fused_linear_distillation_loss`); False: logits, then `distillation_loss`
                  **kwargs):
@@ -336,7 +339,7 @@ class DistillationTrainer(Trainer):
             if missing:
                 raise ValueError(f"teacher_hidden_cache holds the teacher's states {list(teacher_hidden_cache.layers)}, not {missing} of the "
                                  f"hint projector's layer map {list(hint_projector.layer_map)}: build it with the map's teacher layers")
-        self.hint_weight, self.hint_projector, self.fused_head = hint_weight, hint_projector, fused_head
+        self.hint_weight, self.hint_projector, self.fused_head, self.hint_normalize = hint_weight, hint_projector, fused_head, hint_normalize
         self.teacher_hidden_cache = teacher_hidden_cache
         self.teacher_caches, self.teachers = teacher_caches or [], teachers or []
         n = len(self.teacher_caches) or len(self.teachers)
@@ -392,7 +395,7 @@ class DistillationTrainer(Trainer):
                                       **self.kd_args)  # several teachers: per-teacher KD averaged by weight
             if use_hint:  # a mean over this micro-batch's valid positions, rescaled to the step's global count
                 valid = labels != -100
-                hint = hint_loss(outputs.hidden_states, teacher_hidden, self.hint_projector, mask=valid)
+                hint = hint_loss(outputs.hidden_states, teacher_hidden, self.hint_projector, mask=valid, normalize=self.hint_normalize)
                 if num_items_in_batch is not None: hint = hint * valid.sum() / num_items_in_batch
                 parts = {**parts, "loss": parts["loss"] + self.hint_weight * hint, "hint": hint.detach()}
         return self._finish(parts, outputs, return_outputs, num_items_in_batch, model)
@@ -537,6 +540,7 @@ def train_student(
                                   data_collator=D.collate_blocks, kd=kd, teacher_caches=signals.train if kd_on else None,
                                   teachers=signals.online if kd_on else None,
                                   hint_weight=hint.hint_weight if projector is not None else 0.0, hint_projector=projector,
+                                  hint_normalize=hint.hint_normalize if hint is not None else "none",
                                   teacher_hidden_cache=signals.hidden if kd_on and not signals.online else None,
                                   callbacks=callbacks)
     if mixture is not None and mixture.mixture != "none":  # draw blocks by domain; dynamic: towards the domains furthest above the teacher

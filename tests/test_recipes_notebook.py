@@ -31,6 +31,6 @@ def test_recipes_notebook_smoke(tmp_path, tiny_teacher):
     for f in ("paired.csv", "verdicts.md", "kd_minus_ce.html"): assert (out / f).exists(), f
     with pytest.raises(pm.PapermillExecutionError, match="already holds a completed run"):
         _run(tmp_path, "again", {**params, "overwrite": "false"})
-    with pytest.raises(pm.PapermillExecutionError, match="study='schedul': accepted: divergence, alpha_temperature"):
+    with pytest.raises(pm.PapermillExecutionError, match="study='schedul': accepted: divergence, alpha_temperature, deep_supervision"):
         _run(tmp_path, "bad", {**params, "study": "schedul", "out_dir": str(tmp_path / "bad")})
     assert not (tmp_path / "bad").exists()
