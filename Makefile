@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUN_DIR ?= runs/distill-$(shell date +%Y%m%d-%H%M%S)
 PARAMS ?=
 # experiment notebooks: run by papermill (tests/ runs them with smoke=True), never by nbdev_test
-EXPERIMENT_NBS := distill|eval_models|adapt_teacher|prune|mixture
+EXPERIMENT_NBS := distill|eval_models|adapt_teacher|prune|mixture|babyllama|recipes
 
 .PHONY: install browser teacher experiment test check-export nbtest pytest lab bench gpu-check
 

@@ -850,14 +850,14 @@ def evaluate_blocks(
     from stlm_nb.losses import kd_loss_sum_count
     model.eval()
     acc: dict[str, dict[str, float]] = {}
-    doms = blocks["domain"]
+    doms, dev = blocks["domain"], next(model.parameters()).device  # batches go where the model is (a GPU after training there)
     for s in range(0, len(blocks), batch_size):
         b = D.collate_blocks([blocks[i] for i in range(s, min(s + batch_size, len(blocks)))])
-        logits = model(input_ids=b["input_ids"]).logits.float()[:, :-1]
-        tgt = b["labels"][:, 1:]; mask = tgt != -100
+        logits = model(input_ids=b["input_ids"].to(dev)).logits.float()[:, :-1]
+        tgt = b["labels"][:, 1:].to(dev); mask = tgt != -100
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.clamp_min(0), reduction="none")
         if teacher_cache is not None:
-            rec = teacher_cache[b["block_idx"]][:, :-1]  # (B, T-1, k): position t predicts token t+1
+            rec = teacher_cache[b["block_idx"]][:, :-1].to(dev)  # (B, T-1, k): position t predicts token t+1
             top1 = (logits.argmax(-1) == rec.indices[..., 0]) & mask
         for j in range(logits.shape[0]):
             a = acc.setdefault(doms[s + j], {"nll": 0.0, "tokens": 0, **({"fkl_topk": 0.0, "top1_agreement": 0.0} if teacher_cache else {})})
