@@ -5,6 +5,7 @@
 # %% ../nbs/04_losses.ipynb #f93ee069
 from __future__ import annotations
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
@@ -15,9 +16,9 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['KD_KINDS', 'ENSEMBLE_MODES', 'HINT_NORMALIZE', 'divergence', 'SparseTeacherLogits', 'kd_loss_sum_count', 'kd_loss',
-           'distillation_loss', 'fused_linear_distillation_loss', 'ensemble_teacher_logits',
-           'chunked_kd_loss_sum_count', 'uniform_layer_map', 'HintProjector', 'hint_loss',
-           'universal_logit_distillation_loss']
+           'distillation_loss', 'fused_linear_distillation_loss', 'ensemble_teacher_logits', 'LogitEnsembleConfig',
+           'LogitEnsembleForCausalLM', 'save_logit_ensemble', 'chunked_kd_loss_sum_count', 'uniform_layer_map',
+           'HintProjector', 'hint_loss', 'universal_logit_distillation_loss']
 
 # %% ../nbs/04_losses.ipynb #80255da0
 KD_KINDS = ("fkl", "rkl", "jsd", "sfkl", "srkl", "tvd")  # the divergences `kind=` accepts (table above)
@@ -648,6 +649,57 @@ def ensemble_teacher_logits(
         return sum(w * z for z, w in pairs)
     log_mix = torch.logsumexp(torch.stack([math.log(w) + torch.log_softmax(z / temperature, -1) for z, w in pairs]), 0)
     return temperature * log_mix
+
+# %% ../nbs/04_losses.ipynb #e3bb1d82
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+class LogitEnsembleConfig(PretrainedConfig):
+    "A logit-averaged ensemble: member directories (relative to the ensemble's own), their weights, the shared vocabulary size."
+    model_type = "stlm_nb_logit_ensemble"
+    def __init__(self, members=(), weights=None, vocab_size=None, max_position_embeddings=None, **kwargs):
+        self.members, self.weights = list(members), (list(weights) if weights is not None else None)
+        self.vocab_size, self.max_position_embeddings = vocab_size, max_position_embeddings
+        super().__init__(**kwargs)
+
+class LogitEnsembleForCausalLM(nn.Module):
+    "A causal LM whose logits (B, T, V) are the weighted mean of its members' logits (Baby Llama's ensemble teacher; float32 for float32 members)."
+    config_class = LogitEnsembleConfig
+    def __init__(self, config:LogitEnsembleConfig, members:Sequence[nn.Module]):
+        super().__init__(); self.config, self.members = config, nn.ModuleList(members)
+    @classmethod
+    def from_pretrained(cls, path, *args, config=None, dtype=torch.float32, trust_remote_code:bool=False, **kwargs):
+        config = config if isinstance(config, LogitEnsembleConfig) else LogitEnsembleConfig.from_pretrained(path)
+        members = [AutoModelForCausalLM.from_pretrained(os.path.join(path, m), dtype=dtype, trust_remote_code=trust_remote_code)
+                   for m in config.members]
+        return cls(config, members).eval()
+    def get_output_embeddings(self): return self.members[0].get_output_embeddings()
+    def forward(self, input_ids:Tensor, attention_mask:Tensor|None=None, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutput
+        logits = [m(input_ids=input_ids, attention_mask=attention_mask).logits for m in self.members]
+        return CausalLMOutput(logits=ensemble_teacher_logits(logits, self.config.weights, mode="logit_mean"))
+
+AutoConfig.register(LogitEnsembleConfig.model_type, LogitEnsembleConfig, exist_ok=True)
+AutoModelForCausalLM.register(LogitEnsembleConfig, LogitEnsembleForCausalLM, exist_ok=True)
+
+def save_logit_ensemble(
+    members:Sequence[str], # save_pretrained directories of the members (one vocabulary)
+    out_dir:str|os.PathLike, # the ensemble's directory (config.json, and the tokenizer when given)
+    weights:Sequence[float]|None=None, # one non-negative weight per member (normalised); None: equal
+    tokenizer=None, # saved beside config.json (teachers are loaded with their tokenizer)
+)->str: # out_dir
+    "Write a logit-averaged ensemble of saved models as a loadable directory. ValueError for bad weights or differing vocabularies."
+    from transformers import AutoConfig as _AC
+    if not members: raise ValueError("members=[]: accepted: at least one save_pretrained directory")
+    if weights is not None and (len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(f"weights={list(weights)!r}: accepted: one non-negative weight per member ({len(members)}), not all zero")
+    cfgs = [_AC.from_pretrained(m) for m in members]
+    vocab = {c.vocab_size for c in cfgs}
+    if len(vocab) != 1: raise ValueError(f"members have vocabularies of {sorted(vocab)} tokens: an ensemble needs one vocabulary (adapt first, stlm_nb.adapt)")
+    ctx = min(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 10**9 for c in cfgs)
+    LogitEnsembleConfig(members=[os.path.relpath(m, out_dir) for m in members], weights=list(weights) if weights is not None else None,
+                        vocab_size=vocab.pop(), max_position_embeddings=ctx).save_pretrained(out_dir)
+    if tokenizer is not None: tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
 
 # %% ../nbs/04_losses.ipynb #719f7669
 def chunked_kd_loss_sum_count(
