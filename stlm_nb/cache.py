@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from .losses import SparseTeacherLogits, _log1mexp
 
 # %% auto #0
-__all__ = ['CACHE_FORMAT', 'VERIFY_MODES', 'HIDDEN_CACHE_FORMAT', 'HIDDEN_STORE_DTYPES', 'teacher_topk_record', 'sparse_record',
-           'fingerprint_blocks', 'cache_key', 'key_hash', 'TeacherCache', 'build_teacher_cache', 'hidden_cache_key',
-           'CachedHiddenStates', 'HiddenStateCache', 'build_hidden_cache']
+__all__ = ['CACHE_FORMAT', 'VERIFY_MODES', 'WEIGHT_SUFFIXES', 'HIDDEN_CACHE_FORMAT', 'HIDDEN_STORE_DTYPES', 'teacher_topk_record',
+           'sparse_record', 'fingerprint_blocks', 'cache_key', 'key_hash', 'TeacherCache', 'weights_fingerprint',
+           'build_teacher_cache', 'hidden_cache_key', 'CachedHiddenStates', 'HiddenStateCache', 'build_hidden_cache']
 
 # %% ../nbs/05_teacher_cache.ipynb #3590314a
 def teacher_topk_record(
@@ -91,11 +91,12 @@ def cache_key(
     k:int,
     temperatures:tuple[float, ...],
     dtype:str, # the dtype the teacher ran in
+    weights:str|None=None, # `weights_fingerprint` of the teacher's directory: a teacher retrained in place gets another key
 )->dict: # the key as a dict; `key_hash` hashes it
     "Everything a cached teacher output depends on."
     return {"teacher": str(teacher), "tokenizer": str(tokenizer_name), "data": data_fingerprint,
             "block_size": int(block_size), "k": int(k), "temperatures": [float(t) for t in temperatures],
-            "dtype": str(dtype), "format": CACHE_FORMAT}
+            "dtype": str(dtype), "format": CACHE_FORMAT, **({"weights": weights} if weights is not None else {})}
 
 def key_hash(key:dict)->str: return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -227,6 +228,31 @@ class TeacherCache:
         return torch.from_numpy(np.array(self.arrays["target_logprob"][idx]))
 
     def __repr__(self): return f"TeacherCache({str(self.path)!r}, n_blocks={len(self)}, k={self.key['k']}, T={self.temperatures})"
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+def weights_fingerprint(
+    path:str|os.PathLike, # a local model directory (save_pretrained, a converted packaged teacher, a logit ensemble)
+)->str|None: # 16 hex digits; None when `path` is not a local directory (a hub id: its revision is not read here)
+    """What a model's weights are, cheaply: the name, size and sampled-range SHA-256 (`_sample_ranges`) of its config and
+    weight files, and of an ensemble's member directories (`members` in its config.json), hashed. Two directories with
+    the same files get the same fingerprint; re-training into the same directory changes it."""
+    root = Path(path)
+    if not root.is_dir(): return None
+    def records(d:Path, seen:set)->list:
+        d = d.resolve()
+        if d in seen: return []
+        seen.add(d); out = []
+        for f in sorted(d.iterdir()):
+            if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json" or f.name.endswith(".index.json")):
+                size = f.stat().st_size
+                out.append([f.name, size, _sha256(f, _sample_ranges(size))])
+        cfg = d / "config.json"
+        if cfg.is_file():
+            for m in json.loads(cfg.read_text()).get("members") or []:
+                if isinstance(m, str) and (d / m).is_dir(): out.append([m, records(d / m, seen)])
+        return out
+    return hashlib.sha256(json.dumps(records(root, set())).encode()).hexdigest()[:16]
 
 # %% ../nbs/05_teacher_cache.ipynb #bd44c8cf
 def _logits_width(teacher)->int|None:
@@ -470,6 +496,7 @@ def hidden_cache_key(
     hidden_size:int, # d: the teacher's width (`config.hidden_size`)
     dtype:str, # the dtype the teacher ran in
     store_dtype:str="bfloat16", # the stored dtype: 'bfloat16' (float32's range), 'float16' (refused where a state overflows) or 'float32'
+    weights:str|None=None, # `weights_fingerprint` of the teacher's directory (as in `cache_key`)
 )->dict: # the key as a dict; `key_hash` hashes it
     """Everything cached teacher hidden states depend on. The layers are kept as a sorted set ([15, 8] and [8, 15, 8] are
     [8, 15]: one cache serves any order). Raises ValueError for an empty layer set, a layer outside [0, n_layers], a
@@ -485,7 +512,8 @@ def hidden_cache_key(
         raise ValueError(f"store_dtype={store_dtype!r} is not accepted; accepted: {', '.join(map(repr, HIDDEN_STORE_DTYPES))}")
     return {"kind": "hidden_states", "teacher": str(teacher), "tokenizer": str(tokenizer_name), "data": data_fingerprint,
             "block_size": int(block_size), "layers": sorted({int(l) for l in layers}), "n_layers": int(n_layers),
-            "hidden_size": int(hidden_size), "dtype": str(dtype), "store_dtype": store_dtype, "format": HIDDEN_CACHE_FORMAT}
+            "hidden_size": int(hidden_size), "dtype": str(dtype), "store_dtype": store_dtype, "format": HIDDEN_CACHE_FORMAT,
+            **({"weights": weights} if weights is not None else {})}
 
 def _layer_file(layer:int)->str: return f"layer{layer}"
 

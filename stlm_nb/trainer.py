@@ -23,10 +23,10 @@ from . import data as D
 from .eval import (TASKS_PER_DOMAIN, TasksCallback, evaluate as evaluate_tasks, evaluate_blocks, offline_tasks, teacher_bpb,
                           untrained_floor)
 from .cache import (HiddenStateCache, TeacherCache, build_hidden_cache, build_teacher_cache, cache_key, fingerprint_blocks,
-                           hidden_cache_key, key_hash)
+                           hidden_cache_key, key_hash, weights_fingerprint)
 from .losses import HINT_NORMALIZE, KD_KINDS, HintProjector, distillation_loss, fused_linear_distillation_loss, hint_loss, uniform_layer_map
 from .models import (STUDENT_PRESETS, count_parameters, load_model_config, load_teacher, load_teacher_tokenizer,
-                            load_student, make_student, student_config, student_model_config, check_student_vocab)
+                            load_student, make_student, resolve_model_path, student_config, student_model_config, check_student_vocab)
 from .runs import (PRECISIONS, Precision, cache_dir, coerce, flops_per_token, matmul_parameters, paired_stats,
                           prepare_out_dir, resolve_precision, run_metrics, training_arguments, unwrap_model, write_json)
 from .mixture import DomainMixtureSampler, DomainWeightCallback, attach_domain_mixture
@@ -442,11 +442,16 @@ class TeacherSignals:
     cache_tokens: int # tokens the teachers ran on to build caches in this configuration
     hidden: HiddenStateCache|None = None # the first teacher's hidden states on the training blocks at the hint map's teacher layers (cache mode, hint_weight > 0)
 
+def _weights(teacher:str)->str|None: # `weights_fingerprint` of a packaged teacher's or a local directory's weights; None for a hub id
+    return weights_fingerprint(resolve_model_path(teacher))
+
 def teacher_cache_path(
     teacher:str, tokenizer:str, input_ids:np.ndarray, top_k:int, temperatures:tuple, dtype:torch.dtype,
 )->tuple[dict, Path]: # (the cache key, its directory under `cache_dir()/teacher_cache`)
-    "The cache key of a teacher's records on `input_ids` (N, T) and where it lives: the same for every recipe."
-    key = cache_key(teacher, tokenizer, fingerprint_blocks(input_ids), input_ids.shape[1], top_k, temperatures, str(dtype))
+    """The cache key of a teacher's records on `input_ids` (N, T) and where it lives: the same for every recipe; the key holds
+    the teacher's `weights_fingerprint`, so a teacher re-trained in place gets a new cache."""
+    key = cache_key(teacher, tokenizer, fingerprint_blocks(input_ids), input_ids.shape[1], top_k, temperatures, str(dtype),
+                    weights=_weights(teacher))
     return key, cache_dir() / "teacher_cache" / key_hash(key)
 
 def hidden_cache_path(
@@ -457,7 +462,7 @@ def hidden_cache_path(
 )->tuple[dict, Path]: # (the hidden-state cache key, its directory under `cache_dir()/hidden_cache`)
     "The key of a teacher's cached hidden states (bfloat16) on `input_ids` (N, T) at `layers`, and where it lives: the same for every recipe."
     key = hidden_cache_key(teacher, tokenizer, fingerprint_blocks(input_ids), input_ids.shape[1], layers,
-                           teacher_config.num_hidden_layers, teacher_config.hidden_size, str(dtype))
+                           teacher_config.num_hidden_layers, teacher_config.hidden_size, str(dtype), weights=_weights(teacher))
     return key, cache_dir() / "hidden_cache" / key_hash(key)
 
 def teacher_signals(
